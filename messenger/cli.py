@@ -1,0 +1,279 @@
+"""The `messenger` command: thin click wiring over Coordinator, Client and the local socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from redis.exceptions import RedisError
+
+from messenger import __version__, local
+from messenger.client import Client, list_users
+from messenger.connection import connect, resolve_url, server_file
+from messenger.coordinator import Coordinator, LeaseLost
+from messenger.embedded import EmbeddedRedis
+from messenger.errors import ConfigError, MessengerError, NoConnection, NoResponse, Rejected
+from messenger.protocol import OK_REPLIES, Reply, printable, validate_name, validate_text
+from messenger.settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+log = logging.getLogger("messenger")
+
+
+def common_options(func: F) -> F:
+    """Options every command takes; each also reads MESSENGER_<NAME> from the environment."""
+    options = [
+        click.option("--redis-url", envvar="MESSENGER_REDIS_URL", default=None,
+                     help="Redis to use (redis://[:password@]host:port/db). Default: the "
+                          "embedded Redis of a `messenger server` on this host."),
+        click.option("--node", envvar="MESSENGER_NODE", default=None,
+                     help="This node's name (default: the host name)."),
+        click.option("--prefix", envvar="MESSENGER_PREFIX", default=None,
+                     help="Prefix of every Redis key (default: messenger)."),
+        click.option("--heartbeat-interval", envvar="MESSENGER_HEARTBEAT_INTERVAL", type=float,
+                     default=None, help="Seconds between a client's heartbeats (default 1)."),
+        click.option("--heartbeat-ttl", envvar="MESSENGER_HEARTBEAT_TTL", type=float,
+                     default=None, help="Seconds without a heartbeat before a client is "
+                                        "logged off (default 3)."),
+        click.option("--reply-timeout", envvar="MESSENGER_REPLY_TIMEOUT", type=float,
+                     default=None, help="Seconds to wait for the server's reply (default 5)."),
+        click.option("--runtime-dir", envvar="MESSENGER_RUNTIME_DIR", default=None,
+                     type=click.Path(file_okay=False, path_type=Path),
+                     help="Directory for node sockets and the embedded server's address."),
+        click.option("-v", "--verbose", is_flag=True, help="Log more."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+
+    @functools.wraps(func)
+    def wrapper(*, redis_url: str | None, node: str | None, prefix: str | None,
+                heartbeat_interval: float | None, heartbeat_ttl: float | None,
+                reply_timeout: float | None, runtime_dir: Path | None, verbose: bool,
+                **kwargs: Any) -> Any:
+        settings = Settings.from_env(
+            redis_url=redis_url, node=node, prefix=prefix, heartbeat_interval=heartbeat_interval,
+            heartbeat_ttl=heartbeat_ttl, reply_timeout=reply_timeout, runtime_dir=runtime_dir)
+        kwargs["settings"] = settings
+        kwargs["verbose"] = verbose
+        return func(**kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo(line: str) -> None:
+    click.echo(line)
+    sys.stdout.flush()
+
+
+def _setup_logging(level: int) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="messenger")
+def cli() -> None:
+    """A robust messenger: one coordinator, one client per node, Redis in between.
+
+    Replies are the Erlang seed's words, each alone on a line. Exit codes: 0 done, 1 refused
+    (e.g. receiver-not-found), 2 bad input, 3 noconnection, 4 No response from server.
+    """
+
+
+@cli.command()
+@common_options
+def server(*, settings: Settings, verbose: bool) -> None:
+    """Run the coordinator (the seed's server).
+
+    With no Redis URL it starts an embedded redis-server on 127.0.0.1 and publishes its address
+    for the clients of this host, so they need no configuration.
+    """
+    _setup_logging(logging.DEBUG if verbose else logging.INFO)
+    embedded: EmbeddedRedis | None = None
+    path = server_file(settings)
+    url = settings.redis_url
+    try:
+        if url is None:
+            _refuse_second_embedded(settings)
+            embedded = EmbeddedRedis().start()
+            url = embedded.url
+            local.ensure_runtime_dir(settings)
+            _write_private(path, json.dumps({"url": url, "pid": os.getpid(),
+                                             "redis_pid": embedded.pid}))
+            log.info("embedded redis-server (pid %d) on 127.0.0.1:%d; address in %s",
+                     embedded.pid, embedded.port, path)
+        redis = connect(url, socket_timeout=max(5.0, settings.reply_timeout))
+        asyncio.run(_serve(Coordinator(redis, settings)))
+    except LeaseLost as e:
+        raise NoConnection(f"this coordinator lost its lease: {e}") from None
+    finally:
+        if embedded is not None:
+            path.unlink(missing_ok=True)
+            embedded.stop()
+            log.info("embedded redis-server stopped")
+
+
+def _refuse_second_embedded(settings: Settings) -> None:
+    with contextlib.suppress(MessengerError):
+        url = resolve_url(settings)
+
+        async def ping() -> bool:
+            redis = connect(url, socket_timeout=1.0)
+            try:
+                return bool(await redis.ping())
+            except RedisError:
+                return False
+            finally:
+                await redis.aclose()
+
+        if asyncio.run(ping()):
+            raise ConfigError(f"a messenger server with an embedded Redis already runs on this "
+                              f"host (see {server_file(settings)}); stop it, or pass its "
+                              f"--redis-url to use the same Redis")
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+async def _serve(coordinator: Coordinator) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await coordinator.run(stop)
+    finally:
+        await coordinator.redis.aclose()
+
+
+@cli.command()
+@click.argument("name")
+@common_options
+def logon(name: str, *, settings: Settings, verbose: bool) -> None:
+    """Log NAME on at this node and stay in the foreground.
+
+    Prints the server's reply, then every incoming message as `Message from NAME: TEXT`, until
+    logged off (`messenger logoff`, Ctrl-C) or stopped.
+    """
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
+    validate_name(name)
+    _run(_logon(name, settings))
+
+
+async def _logon(name: str, settings: Settings) -> None:
+    if await local.client_alive(settings):
+        raise Rejected(Reply.ALREADY_LOGGED_ON)
+    redis = connect(resolve_url(settings), socket_timeout=min(2.0, settings.reply_timeout))
+    client = Client(redis, settings, name, out=echo)
+    try:
+        await client.logon()
+        echo(Reply.LOGGED_ON)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Ctrl-C or a polite kill is a logoff, not a crash.
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.logoff()))
+        reason = await client.serve()
+    finally:
+        await client.close()
+    if reason is not None:
+        raise reason
+    echo(Reply.LOGGED_OFF)
+
+
+@cli.command()
+@click.argument("to")
+@click.argument("text", nargs=-1, required=True)
+@common_options
+def message(to: str, text: tuple[str, ...], *, settings: Settings, verbose: bool) -> None:
+    """Send TEXT to user TO through this node's client (words are joined by spaces)."""
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
+    joined = " ".join(text)
+    validate_name(to)
+    validate_text(joined, settings.max_message_bytes)
+    _local_call(settings, {"op": "message", "to": to, "text": joined})
+
+
+@cli.command()
+@common_options
+def logoff(*, settings: Settings, verbose: bool) -> None:
+    """Log off this node's user; its `logon` process exits 0."""
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
+    _local_call(settings, {"op": "logoff"})
+
+
+def _local_call(settings: Settings, request: dict[str, str]) -> None:
+    answer = _run(local.call(settings, request, settings.reply_timeout + 0.5))
+    reply = str(answer.get("reply", ""))
+    echo(printable(reply))
+    if "exit" in answer:
+        sys.exit(int(answer["exit"]))
+    if reply not in OK_REPLIES:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list for scripts.")
+@common_options
+def who(*, as_json: bool, settings: Settings, verbose: bool) -> None:
+    """List the logged-on users and their nodes."""
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
+    users = _run(_who(settings))
+    if as_json:
+        echo(json.dumps([{"name": n, "node": node} for n, node in users]))
+        return
+    width = max((len(n) for n, _ in users), default=0)
+    for n, node in users:
+        echo(f"{n.ljust(width)}  {node}")
+
+
+async def _who(settings: Settings) -> list[tuple[str, str]]:
+    redis = connect(resolve_url(settings), socket_timeout=settings.reply_timeout)
+    try:
+        return await list_users(redis, settings.prefix)
+    except RedisError as e:
+        raise NoConnection(str(e)) from None
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await redis.aclose()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every MessengerError becomes its words and its exit code, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="messenger", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MessengerError as e:
+        if isinstance(e, (Rejected, NoConnection, NoResponse)):
+            echo(e.message)
+            detail = getattr(e, "detail", "")
+            if detail:
+                click.echo(f"messenger: {detail}", err=True)
+        else:
+            click.echo(f"Error: {e.message}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)

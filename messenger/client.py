@@ -1,0 +1,295 @@
+"""The per-node client: the seed's `client` process.
+
+It logs one user on, keeps the session's heartbeat, prints incoming messages, and forwards the
+commands of its node (`message`, `logoff`, arriving on the local socket) to the coordinator. It
+stops, like the seed's client, on a stop reply (`user-exists-at-other-node`,
+`you-are-not-logged-on`, ...), when no reply comes within the reply timeout, and with
+`noconnection` when Redis or the coordinator is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from messenger import local
+from messenger.errors import (
+    MessengerError,
+    NoConnection,
+    NoResponse,
+    ProtocolError,
+    Rejected,
+)
+from messenger.keys import Keys
+from messenger.protocol import (
+    STOP_REPLIES,
+    MessageEvent,
+    Reply,
+    ReplyEvent,
+    Request,
+    StoppingEvent,
+    decode_event,
+    decode_local_request,
+    encode_local,
+    printable,
+    validate_name,
+    validate_node,
+    validate_text,
+)
+from messenger.scripts import Scripts
+from messenger.settings import Settings
+
+log = logging.getLogger("messenger.client")
+
+# The request stream is trimmed by the coordinator as it goes; this cap only bounds it when no
+# coordinator reads (requests that old are expired anyway).
+_STREAM_CAP = 100_000
+
+
+def format_message(sender: str, text: str) -> str:
+    """The seed's `Message from NAME: TEXT`, escaped so it cannot drive the terminal."""
+    return f"Message from {printable(sender)}: {printable(text)}"
+
+
+class Client:
+    """One node's client for one user.
+
+    Args:
+        redis: a client with decode_responses=True, no retries (see `connection`).
+        settings: node, timings, prefix.
+        name: the user to log on.
+        out: where lines for the user go (the seed's io:format).
+        clock: a fake clock for tests; None uses Redis's clock.
+    """
+
+    def __init__(self, redis: Redis, settings: Settings, name: str, *,
+                 out: Callable[[str], None] = print,
+                 clock: Callable[[], int] | None = None) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.name = validate_name(name)
+        self.node = validate_node(settings.node)
+        self.keys = Keys(settings.prefix)
+        self.scripts = Scripts(redis, self.keys)
+        self.out = out
+        self.clock = clock
+        # Random and unguessable: the session id is the fencing token every request carries.
+        self.sid = secrets.token_hex(16)
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._finished: asyncio.Future[MessengerError | None] | None = None
+        self._pubsub: PubSub | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
+        self._last_pong = time.monotonic()
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> asyncio.Future[MessengerError | None]:
+        if self._finished is None:
+            self._finished = asyncio.get_running_loop().create_future()
+        return self._finished
+
+    def stop(self, reason: MessengerError | None) -> None:
+        """End the client: None for a clean logoff, else the error it ends with."""
+        if not self.finished.done():
+            self.finished.set_result(reason)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(reason or Rejected(Reply.NOT_LOGGED_ON))
+
+    async def logon(self) -> None:
+        """Log the user on; raises Rejected, NoConnection or NoResponse if that fails."""
+        try:
+            self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(self.keys.inbox(self.sid), self.keys.control)
+            if not await self.redis.exists(self.keys.lease):
+                raise NoConnection("no coordinator is running")
+        except RedisError as e:
+            raise NoConnection(str(e)) from None
+        self._tasks.append(asyncio.create_task(self._read_events()))
+        reply = await self.request(Request("logon", secrets.token_hex(16), self.sid,
+                                           name=self.name, node=self.node))
+        if reply != Reply.LOGGED_ON:
+            raise Rejected(reply)
+
+    async def serve(self) -> MessengerError | None:
+        """After logon: heartbeat and serve this node's commands until the client stops."""
+        self._server = await asyncio.start_unix_server(self._serve_local,
+                                                       self._bind_socket_path())
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
+        return await self.finished
+
+    def _bind_socket_path(self) -> str:
+        local.ensure_runtime_dir(self.settings)
+        path = local.socket_path(self.settings)
+        # Redis has just made us this node's only session, so a file left here is stale.
+        path.unlink(missing_ok=True)
+        return str(path)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            self._server.close()
+            local.socket_path(self.settings).unlink(missing_ok=True)
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.aclose()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def request(self, request: Request) -> Reply:
+        """Send a request and wait at most the reply timeout for its reply.
+
+        A stop reply stops this client too (the seed's `#(messenger stop Why)`), and so does a
+        timeout (the seed's `exit(timeout)`).
+        """
+        if self.finished.done():
+            raise self.finished.result() or Rejected(Reply.NOT_LOGGED_ON)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request.req] = fut
+        try:
+            try:
+                await self.redis.xadd(self.keys.requests, request.fields(),  # type: ignore[arg-type]
+                                      maxlen=_STREAM_CAP, approximate=True)
+            except RedisError as e:
+                raise NoConnection(str(e)) from None
+            try:
+                reply = await asyncio.wait_for(fut, self.settings.reply_timeout)
+            except TimeoutError:
+                raise NoResponse() from None
+        except (NoConnection, NoResponse) as e:
+            self.stop(e)
+            raise
+        finally:
+            self._pending.pop(request.req, None)
+        if reply in STOP_REPLIES:
+            self.stop(Rejected(reply))
+        return reply
+
+    async def send(self, to: str, text: str) -> Reply:
+        """`message TO TEXT`: sent, receiver-not-found, or you-are-not-logged-on."""
+        validate_name(to)
+        validate_text(text, self.settings.max_message_bytes)
+        return await self.request(Request("message-to", secrets.token_hex(16), self.sid,
+                                           to=to, text=text))
+
+    async def logoff(self) -> Reply:
+        """Log off; the client stops cleanly whatever the server answers."""
+        try:
+            reply = await self.request(Request("logoff", secrets.token_hex(16), self.sid))
+        except Rejected as e:
+            reply = Reply(e.message)
+        self.stop(None)
+        return reply
+
+    # --- background tasks -------------------------------------------------------------------
+
+    async def _read_events(self) -> None:
+        assert self._pubsub is not None
+        try:
+            while True:
+                msg: Any = await self._pubsub.get_message(ignore_subscribe_messages=True,
+                                                          timeout=1.0)
+                if msg is None:
+                    continue
+                if msg["type"] == "pong":
+                    self._last_pong = time.monotonic()
+                elif msg["type"] == "message":
+                    self._dispatch(msg["data"])
+        except (RedisError, OSError) as e:
+            self.stop(NoConnection(f"lost the pub/sub connection: {e}"))
+
+    def _dispatch(self, data: str) -> None:
+        try:
+            event = decode_event(data)
+        except ProtocolError as e:
+            log.warning("ignored an undecodable event: %s", e.message)
+            return
+        if isinstance(event, ReplyEvent):
+            fut = self._pending.get(event.req)
+            if fut is not None and not fut.done():
+                fut.set_result(event.reply)
+        elif isinstance(event, MessageEvent):
+            self.out(format_message(event.sender, event.text))
+        elif isinstance(event, StoppingEvent):
+            self.stop(NoConnection("the server stopped"))
+
+    async def _heartbeat(self) -> None:
+        s = self.settings
+        while not self.finished.done():
+            await asyncio.sleep(s.heartbeat_interval)
+            try:
+                state = await self.scripts.heartbeat(
+                    self.sid, s.heartbeat_ttl_ms, None if self.clock is None else self.clock())
+                assert self._pubsub is not None
+                # A half-open pub/sub socket is only noticed if a PING's answer is awaited.
+                await self._pubsub.ping()
+            except (RedisError, OSError) as e:
+                self.stop(NoConnection(f"Redis unreachable: {e}"))
+                return
+            if state < 0:
+                self.stop(Rejected(Reply.YOU_ARE_NOT_LOGGED_ON))
+            elif state == 0:
+                self.stop(NoConnection("no coordinator holds the lease"))
+            elif time.monotonic() - self._last_pong > s.heartbeat_ttl + s.heartbeat_interval:
+                self.stop(NoConnection("the pub/sub connection stopped answering"))
+
+    async def _serve_local(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), self.settings.reply_timeout)
+            answer = await self._answer_local(line)
+            writer.write(encode_local(answer))
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer_local(self, line: bytes) -> dict[str, str]:
+        try:
+            req = decode_local_request(line)
+            if req.op == "ping":
+                return {"reply": "pong", "name": self.name}
+            if req.op == "logoff":
+                reply = await self.logoff()
+            else:
+                reply = await self.send(req.to, req.text)
+            return {"reply": reply.value}
+        except MessengerError as e:
+            return {"reply": e.message, "exit": str(e.exit_code)}
+
+
+async def list_users(redis: Redis, prefix: str) -> list[tuple[str, str]]:
+    """(name, node) of every logged-on user whose heartbeat deadline has not passed."""
+    keys = Keys(prefix)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.sessions)
+        pipe.zrange(keys.deadlines, 0, -1, withscores=True)
+        pipe.time()
+        sessions, deadlines, (secs, micros) = await pipe.execute()
+    now_ms = int(secs) * 1000 + int(micros) // 1000
+    live = {sid for sid, deadline in deadlines if deadline > now_ms}
+    users = []
+    for sid, raw in sessions.items():
+        if sid in live:
+            s = json.loads(raw)
+            users.append((str(s["name"]), str(s["node"])))
+    return sorted(users)

@@ -1,0 +1,229 @@
+"""The coordinator: the seed's `server`, with Redis holding the user list.
+
+It is the only process that changes the user list. It serves requests from the request stream
+through a consumer group, sweeps the heartbeat deadline index, and holds a lease in Redis so that
+clients (and a future standby) can tell that a coordinator is alive. All of its state is in Redis:
+a restarted coordinator resumes from what Redis holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from messenger.errors import ProtocolError
+from messenger.keys import GROUP, Keys
+from messenger.protocol import Reply, Request, StoppingEvent, decode_request, encode_event
+from messenger.scripts import Scripts
+from messenger.settings import Settings
+
+log = logging.getLogger("messenger.coordinator")
+
+Clock = Callable[[], int]
+"""Milliseconds on Redis's time line. None means: let Redis read its own clock (production)."""
+
+_LIST_LOG_LIMIT = 50
+_BATCH = 100
+
+
+class LeaseLost(Exception):
+    """Another coordinator holds the lease now: this one must not act any more."""
+
+
+class Coordinator:
+    """Serves requests over an injected redis client.
+
+    Args:
+        redis: a client with decode_responses=True.
+        settings: timings and the key prefix.
+        clock: a fake clock for deterministic tests; None uses Redis's clock.
+        coordinator_id: the lease value and consumer name; random by default.
+    """
+
+    def __init__(self, redis: Redis, settings: Settings, *, clock: Clock | None = None,
+                 coordinator_id: str | None = None) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.scripts = Scripts(redis, self.keys)
+        self.clock = clock
+        self.id = coordinator_id or secrets.token_hex(16)
+
+    def _now(self) -> int | None:
+        return None if self.clock is None else self.clock()
+
+    # --- lease ------------------------------------------------------------------------------
+
+    async def try_acquire_lease(self) -> bool:
+        got = await self.redis.set(self.keys.lease, self.id, nx=True,
+                                   px=self.settings.lease_ttl_ms)
+        return bool(got) or await self.scripts.lease_refresh(self.id, self.settings.lease_ttl_ms)
+
+    async def acquire_lease(self, stop: asyncio.Event) -> bool:
+        """Wait (as a standby) until this coordinator holds the lease; False if told to stop."""
+        announced = False
+        while not stop.is_set():
+            if await self.try_acquire_lease():
+                log.info("coordinator %s is active", self.id[:8])
+                return True
+            if not announced:
+                log.warning("another coordinator holds the lease; waiting as standby")
+                announced = True
+            await _wait(stop, self.settings.lease_ttl / 4)
+        return False
+
+    async def refresh_lease(self) -> None:
+        if not await self.scripts.lease_refresh(self.id, self.settings.lease_ttl_ms):
+            raise LeaseLost("lease lost")
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.keys.requests, GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def handle(self, entry_id: str, fields: dict[str, str]) -> str | None:
+        """Apply one request; return the reply word, or None if it was dropped.
+
+        Anything wrong with a request is logged and the request dropped: a malformed request must
+        never take the coordinator down.
+        """
+        try:
+            request = decode_request(entry_id, fields, self.settings.max_message_bytes)
+        except ProtocolError as e:
+            log.warning("dropped malformed request %s: %s", entry_id, e.message)
+            return None
+        try:
+            reply = await self.apply(request)
+        except ResponseError as e:
+            if "NOTLEADER" in str(e):
+                raise LeaseLost(str(e)) from None
+            log.error("request %s (%s) failed in Redis: %s", entry_id, request.kind, e)
+            return None
+        if reply == Reply.EXPIRED:
+            log.info("request %s (%s) arrived after its sender gave up; not applied",
+                     entry_id, request.kind)
+        elif reply in (Reply.LOGGED_ON, Reply.LOGGED_OFF):
+            who = f"{request.name}@{request.node}" if request.kind == "logon" else request.sid[:8]
+            await self.log_list(f"{request.kind} {who}")
+        return reply
+
+    async def apply(self, r: Request) -> str:
+        s, timeout, now = self.settings, self.settings.reply_timeout_ms, self._now()
+        if r.kind == "logon":
+            return await self.scripts.logon(self.id, r.req, r.sid, r.sent_ms, timeout, r.name,
+                                            r.node, s.heartbeat_ttl_ms, now)
+        if r.kind == "message-to":
+            return await self.scripts.message(self.id, r.req, r.sid, r.sent_ms, timeout, r.to,
+                                              r.text, now)
+        return await self.scripts.logoff(self.id, r.req, r.sid, r.sent_ms, timeout, now)
+
+    async def sweep(self) -> list[tuple[str, str, str]]:
+        """Log off every session whose heartbeat deadline has passed (the seed's EXIT)."""
+        try:
+            removed = await self.scripts.sweep(self.id, now=self._now())
+        except ResponseError as e:
+            if "NOTLEADER" in str(e):
+                raise LeaseLost(str(e)) from None
+            raise
+        for _sid, name, node in removed:
+            log.info("%s@%s missed its heartbeat deadline: logged off", name, node)
+        if removed:
+            await self.log_list("expiry")
+        return removed
+
+    async def log_list(self, why: str) -> None:
+        """The seed's `list is now: ...`, one line per change of the user list."""
+        count = int(await self.redis.hlen(self.keys.names))
+        if count > _LIST_LOG_LIMIT:
+            log.info("list is now: %d users (after %s)", count, why)
+            return
+        names: dict[str, str] = await self.redis.hgetall(self.keys.names)
+        nodes: dict[str, str] = await self.redis.hgetall(self.keys.nodes)
+        node_of = {sid: node for node, sid in nodes.items()}
+        users = sorted(f"{name}@{node_of.get(sid, '?')}" for name, sid in names.items())
+        log.info("list is now: [%s] (after %s)", ", ".join(users), why)
+
+    async def _process(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+        for entry_id, fields in entries:
+            await self.handle(entry_id, fields)
+        if entries:
+            ids = [entry_id for entry_id, _ in entries]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xack(self.keys.requests, GROUP, *ids)
+                pipe.xdel(self.keys.requests, *ids)
+                await pipe.execute()
+
+    async def take_over_pending(self) -> None:
+        """Requests read by an earlier coordinator that died before acknowledging them."""
+        start = "0-0"
+        while True:
+            result: Any = await self.redis.xautoclaim(self.keys.requests, GROUP, self.id, 0,
+                                                      start_id=start, count=_BATCH)
+            start, claimed = result[0], [e for e in result[1] if e and e[1] is not None]
+            await self._process(claimed)
+            if start == "0-0" or not claimed:
+                return
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set. Raises LeaseLost or RedisError."""
+        if not await self.acquire_lease(stop):
+            return
+        await self.ensure_group()
+        await self.take_over_pending()
+        await self.sweep()
+        await self.log_list("start")
+        s = self.settings
+        next_lease = next_sweep = time.monotonic()
+        block_ms = max(1, int(min(s.sweep_interval, s.lease_ttl / 4) * 1000))
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_lease:
+                await self.refresh_lease()
+                next_lease = now + s.lease_ttl / 4
+            if now >= next_sweep:
+                await self.sweep()
+                next_sweep = now + s.sweep_interval
+            response: Any = await self.redis.xreadgroup(
+                GROUP, self.id, {self.keys.requests: ">"}, count=_BATCH, block=block_ms)
+            for _stream, entries in response or []:
+                await self._process(entries)
+
+    async def shutdown(self) -> None:
+        """Stopping on purpose: tell every client at once, then give the lease up."""
+        try:
+            await self.redis.publish(self.keys.control, encode_event(StoppingEvent(self.id)))
+            await self.scripts.lease_release(self.id)
+        except RedisError as e:
+            log.warning("could not tell clients that the server stops: %s", e)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """serve() until stopped; a lost Redis is logged and retried, never fatal."""
+        while not stop.is_set():
+            try:
+                await self.serve(stop)
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                log.error("lost Redis (%s); retrying", e)
+                await _wait(stop, 1.0)
+        await self.shutdown()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

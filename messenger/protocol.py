@@ -1,0 +1,220 @@
+"""The wire protocol, pure: reply words, requests, events, validation. No Redis in here.
+
+Requests travel to the coordinator as entries of one Redis stream (flat str -> str fields);
+replies and messages travel to a client as JSON on that session's inbox channel. The Lua in
+`scripts` writes the JSON events, so the field names below are shared with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from messenger.errors import InvalidInput, ProtocolError
+
+
+class Reply(StrEnum):
+    """The seed's words, printed alone on a line."""
+
+    LOGGED_ON = "logged-on"
+    USER_EXISTS = "user-exists-at-other-node"
+    ALREADY_LOGGED_ON = "already-logged-on"
+    NOT_LOGGED_ON = "not-logged-on"
+    SENT = "sent"
+    RECEIVER_NOT_FOUND = "receiver-not-found"
+    YOU_ARE_NOT_LOGGED_ON = "you-are-not-logged-on"
+    LOGGED_OFF = "logged-off"
+    # Not a reply anyone sees: the request outlived its sender's wait and was not applied.
+    EXPIRED = "expired"
+
+
+# Replies after which the client stops (the seed's `#(messenger stop Why)`).
+STOP_REPLIES = frozenset({Reply.USER_EXISTS, Reply.ALREADY_LOGGED_ON, Reply.YOU_ARE_NOT_LOGGED_ON})
+# Replies that mean the request did what was asked.
+OK_REPLIES = frozenset({Reply.LOGGED_ON, Reply.SENT, Reply.LOGGED_OFF})
+
+NAME_RULE = "1-32 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
+NODE_RULE = "1-64 characters: letters, digits, '_', '.', '-', '@', starting with a letter or digit"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
+_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}")
+# Kept well under anything that could hurt: ids appear in key and channel names.
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid user name, else raise InvalidInput with the rule."""
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidInput(f"invalid user name {printable(name)!r}: {NAME_RULE}")
+    return name
+
+
+def validate_node(node: str) -> str:
+    """Return `node` if it is a valid node name, else raise InvalidInput with the rule."""
+    if not _NODE_RE.fullmatch(node):
+        raise InvalidInput(f"invalid node name {printable(node)!r}: {NODE_RULE}")
+    return node
+
+
+def validate_text(text: str, max_bytes: int) -> str:
+    """A message must be non-empty UTF-8 of at most `max_bytes` bytes."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        # click hands undecodable argv bytes over as lone surrogates.
+        raise InvalidInput("message text is not valid UTF-8") from None
+    if size == 0:
+        raise InvalidInput("message text is empty")
+    if size > max_bytes:
+        raise InvalidInput(f"message text is {size} bytes; the limit is {max_bytes}")
+    return text
+
+
+def printable(text: str) -> str:
+    """Escape control and format characters so a name or message can never drive the terminal."""
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+# --- requests (client -> coordinator, stream entries) -------------------------------------------
+
+Kind = Literal["logon", "message-to", "logoff"]
+KINDS: tuple[Kind, ...] = ("logon", "message-to", "logoff")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request. `sid` is the sender's session id: the fencing token the coordinator checks."""
+
+    kind: Kind
+    req: str
+    sid: str
+    name: str = ""
+    node: str = ""
+    to: str = ""
+    text: str = ""
+    sent_ms: int = 0  # Redis time at XADD, from the stream entry id; 0 until read back
+
+    def fields(self) -> dict[str, str]:
+        """Stream fields for XADD (the entry id, hence `sent_ms`, is Redis's to choose)."""
+        out = {"k": self.kind, "req": self.req, "sid": self.sid}
+        if self.kind == "logon":
+            out |= {"name": self.name, "node": self.node}
+        elif self.kind == "message-to":
+            out |= {"to": self.to, "text": self.text}
+        return out
+
+
+def entry_ms(entry_id: str) -> int:
+    """Milliseconds part of a stream entry id: Redis's clock when the request was added."""
+    ms, _, _seq = entry_id.partition("-")
+    try:
+        return int(ms)
+    except ValueError:
+        raise ProtocolError(f"bad stream entry id {entry_id!r}") from None
+
+
+def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -> Request:
+    """Decode and fully validate one stream entry; anything off raises ProtocolError."""
+    kind = fields.get("k")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown request kind {kind!r}")
+    req, sid = fields.get("req", ""), fields.get("sid", "")
+    if not _ID_RE.fullmatch(req) or not _ID_RE.fullmatch(sid):
+        raise ProtocolError("request without a valid req/sid id")
+    try:
+        if kind == "logon":
+            return Request(kind, req, sid, name=validate_name(fields.get("name", "")),
+                           node=validate_node(fields.get("node", "")), sent_ms=entry_ms(entry_id))
+        if kind == "message-to":
+            return Request(kind, req, sid, to=validate_name(fields.get("to", "")),
+                           text=validate_text(fields.get("text", ""), max_text_bytes),
+                           sent_ms=entry_ms(entry_id))
+        return Request(kind, req, sid, sent_ms=entry_ms(entry_id))
+    except InvalidInput as e:
+        raise ProtocolError(e.message) from None
+
+
+# --- events (coordinator -> client, JSON on the inbox and control channels) ---------------------
+
+
+@dataclass(frozen=True)
+class ReplyEvent:
+    req: str
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class MessageEvent:
+    sender: str
+    text: str
+
+
+@dataclass(frozen=True)
+class StoppingEvent:
+    """The coordinator is shutting down on purpose."""
+
+    coordinator: str
+
+
+Event = ReplyEvent | MessageEvent | StoppingEvent
+
+
+def encode_event(event: Event) -> str:
+    if isinstance(event, ReplyEvent):
+        return json.dumps({"t": "reply", "req": event.req, "r": event.reply.value})
+    if isinstance(event, MessageEvent):
+        return json.dumps({"t": "msg", "from": event.sender, "text": event.text})
+    return json.dumps({"t": "stopping", "coordinator": event.coordinator})
+
+
+def decode_event(data: str | bytes) -> Event:
+    """Decode one pub/sub payload; garbage raises ProtocolError."""
+    try:
+        obj: Any = json.loads(data)
+        t = obj["t"]
+        if t == "reply":
+            return ReplyEvent(str(obj["req"]), Reply(obj["r"]))
+        if t == "msg":
+            return MessageEvent(str(obj["from"]), str(obj["text"]))
+        if t == "stopping":
+            return StoppingEvent(str(obj["coordinator"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ProtocolError(f"undecodable event: {e}") from None
+    raise ProtocolError(f"unknown event type {t!r}")
+
+
+# --- the local protocol between a command and its node's client (JSON lines on a unix socket) --
+
+
+@dataclass(frozen=True)
+class LocalRequest:
+    op: Literal["message", "logoff", "ping"]
+    to: str = ""
+    text: str = ""
+
+
+def encode_local(obj: dict[str, str]) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def decode_local_request(line: bytes) -> LocalRequest:
+    try:
+        obj: Any = json.loads(line)
+        op = obj["op"]
+        if op == "message":
+            return LocalRequest("message", str(obj["to"]), str(obj["text"]))
+        if op in ("logoff", "ping"):
+            return LocalRequest(op)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ProtocolError(f"bad local request: {e}") from None
+    raise ProtocolError(f"unknown local op {op!r}")

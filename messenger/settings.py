@@ -1,0 +1,87 @@
+"""All configuration in one frozen dataclass, read from options or the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from messenger.errors import ConfigError
+
+ENV_PREFIX = "MESSENGER_"
+
+
+def default_runtime_dir() -> Path:
+    """Where node sockets and the embedded server's address live: private to this OS user."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "messenger"
+    return Path(f"/tmp/messenger-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a coordinator, client or command needs to know.
+
+    Times are in seconds. The defaults follow the issue: heartbeat every 1 s with a 3 s TTL, a 5 s
+    reply timeout (the seed's `after 5000`), and a coordinator lease short enough that clients
+    notice a dead coordinator within 5 s (lease TTL + one heartbeat).
+    """
+
+    redis_url: str | None = None
+    node: str = field(default_factory=socket.gethostname)
+    prefix: str = "messenger"
+    heartbeat_interval: float = 1.0
+    heartbeat_ttl: float = 3.0
+    reply_timeout: float = 5.0
+    lease_ttl: float = 2.0
+    sweep_interval: float = 0.25
+    max_message_bytes: int = 64 * 1024
+    runtime_dir: Path = field(default_factory=default_runtime_dir)
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval", "heartbeat_ttl", "reply_timeout", "lease_ttl",
+                     "sweep_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ConfigError("heartbeat_ttl must be longer than heartbeat_interval")
+        if self.max_message_bytes <= 0:
+            raise ConfigError("max_message_bytes must be positive")
+        if not self.prefix or any(c in self.prefix for c in " *?[]{}"):
+            raise ConfigError(f"invalid key prefix {self.prefix!r}")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from MESSENGER_* variables, then explicit overrides (CLI options)."""
+        env = dict(os.environ) if env is None else env
+        values: dict[str, object] = {}
+        casts: dict[str, type] = {
+            "redis_url": str, "node": str, "prefix": str, "heartbeat_interval": float,
+            "heartbeat_ttl": float, "reply_timeout": float, "lease_ttl": float,
+            "sweep_interval": float, "max_message_bytes": int, "runtime_dir": Path,
+        }
+        for name, cast in casts.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = cast(raw)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()}: not a valid {cast.__name__}: "
+                                  f"{raw!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def heartbeat_ttl_ms(self) -> int:
+        return int(self.heartbeat_ttl * 1000)
+
+    @property
+    def reply_timeout_ms(self) -> int:
+        return int(self.reply_timeout * 1000)
+
+    @property
+    def lease_ttl_ms(self) -> int:
+        return int(self.lease_ttl * 1000)
