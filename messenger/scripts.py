@@ -176,8 +176,7 @@ class Scripts:
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.keys = keys
         self._logon = redis.register_script(_PRELUDE + _REQUEST_HEAD + _LOGON + _REQUEST_TAIL)
-        self._message = redis.register_script(
-            _PRELUDE + _REQUEST_HEAD + _MESSAGE + _REQUEST_TAIL)
+        self._message = redis.register_script(_PRELUDE + _REQUEST_HEAD + _MESSAGE + _REQUEST_TAIL)
         self._logoff = redis.register_script(_PRELUDE + _REQUEST_HEAD + _LOGOFF + _REQUEST_TAIL)
         self._sweep = redis.register_script(_PRELUDE + _SWEEP)
         self._heartbeat = redis.register_script(_PRELUDE + _HEARTBEAT)
@@ -188,53 +187,99 @@ class Scripts:
     def _now(now: int | None) -> str:
         return "" if now is None else str(now)
 
-    def _head(self, coordinator: str, req: str, sid: str, sent_ms: int, timeout_ms: int,
-              now: int | None) -> tuple[list[str], list[str]]:
+    def _head(
+        self, coordinator: str, req: str, sid: str, sent_ms: int, timeout_ms: int, now: int | None
+    ) -> tuple[list[str], list[str]]:
         k = self.keys
-        return ([k.lease, k.done(req)],
-                [coordinator, req, str(sent_ms), str(timeout_ms), str(2 * timeout_ms + 1000),
-                 self._now(now), k.inbox(sid)])
+        return (
+            [k.lease, k.done(req)],
+            [
+                coordinator,
+                req,
+                str(sent_ms),
+                str(timeout_ms),
+                str(2 * timeout_ms + 1000),
+                self._now(now),
+                k.inbox(sid),
+            ],
+        )
 
-    async def logon(self, coordinator: str, req: str, sid: str, sent_ms: int, timeout_ms: int,
-                    name: str, node: str, ttl_ms: int, now: int | None = None) -> str:
+    async def logon(
+        self,
+        coordinator: str,
+        req: str,
+        sid: str,
+        sent_ms: int,
+        timeout_ms: int,
+        name: str,
+        node: str,
+        ttl_ms: int,
+        now: int | None = None,
+    ) -> str:
         keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
         k = self.keys
         keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(sid)]
         args += [sid, name, node, str(ttl_ms)]
         return _text(await self._logon(keys=keys, args=args))
 
-    async def message(self, coordinator: str, req: str, sid: str, sent_ms: int,
-                      timeout_ms: int, to: str, text: str, now: int | None = None) -> str:
+    async def message(
+        self,
+        coordinator: str,
+        req: str,
+        sid: str,
+        sent_ms: int,
+        timeout_ms: int,
+        to: str,
+        text: str,
+        now: int | None = None,
+    ) -> str:
         keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
         keys += [self.keys.sessions, self.keys.names]
         args += [sid, to, text, self.keys.inbox_prefix]
         return _text(await self._message(keys=keys, args=args))
 
-    async def logoff(self, coordinator: str, req: str, sid: str, sent_ms: int, timeout_ms: int,
-                     now: int | None = None) -> str:
+    async def logoff(
+        self,
+        coordinator: str,
+        req: str,
+        sid: str,
+        sent_ms: int,
+        timeout_ms: int,
+        now: int | None = None,
+    ) -> str:
         keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
         k = self.keys
         keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(sid)]
         args += [sid]
         return _text(await self._logoff(keys=keys, args=args))
 
-    async def sweep(self, coordinator: str, limit: int = 1000,
-                    now: int | None = None) -> list[tuple[str, str, str]]:
+    async def sweep(
+        self, coordinator: str, limit: int = 1000, now: int | None = None
+    ) -> list[tuple[str, str, str]]:
         k = self.keys
-        flat = cast(Sequence[Any], await self._sweep(
-            keys=[k.lease, k.sessions, k.names, k.nodes, k.deadlines],
-            args=[coordinator, self._now(now), str(limit), k.hb_prefix]))
+        flat = cast(
+            Sequence[Any],
+            await self._sweep(
+                keys=[k.lease, k.sessions, k.names, k.nodes, k.deadlines],
+                args=[coordinator, self._now(now), str(limit), k.hb_prefix],
+            ),
+        )
         items = [_text(v) for v in flat]
         return [(items[i], items[i + 1], items[i + 2]) for i in range(0, len(items), 3)]
 
     async def heartbeat(self, sid: str, ttl_ms: int, now: int | None = None) -> int:
         k = self.keys
-        return int(await self._heartbeat(keys=[k.sessions, k.deadlines, k.hb(sid), k.lease],
-                                         args=[sid, str(ttl_ms), self._now(now)]))
+        return int(
+            await self._heartbeat(
+                keys=[k.sessions, k.deadlines, k.hb(sid), k.lease],
+                args=[sid, str(ttl_ms), self._now(now)],
+            )
+        )
 
     async def lease_refresh(self, coordinator: str, ttl_ms: int) -> bool:
-        return bool(await self._lease_refresh(keys=[self.keys.lease],
-                                              args=[coordinator, str(ttl_ms)]))
+        return bool(
+            await self._lease_refresh(keys=[self.keys.lease], args=[coordinator, str(ttl_ms)])
+        )
 
     async def lease_release(self, coordinator: str) -> bool:
         return bool(await self._lease_release(keys=[self.keys.lease], args=[coordinator]))

@@ -41,8 +41,13 @@ class Settings:
     runtime_dir: Path = field(default_factory=default_runtime_dir)
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval", "heartbeat_ttl", "reply_timeout", "lease_ttl",
-                     "sweep_interval"):
+        for name in (
+            "heartbeat_interval",
+            "heartbeat_ttl",
+            "reply_timeout",
+            "lease_ttl",
+            "sweep_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.heartbeat_ttl <= self.heartbeat_interval:
@@ -58,9 +63,16 @@ class Settings:
         env = dict(os.environ) if env is None else env
         values: dict[str, object] = {}
         casts: dict[str, type] = {
-            "redis_url": str, "node": str, "prefix": str, "heartbeat_interval": float,
-            "heartbeat_ttl": float, "reply_timeout": float, "lease_ttl": float,
-            "sweep_interval": float, "max_message_bytes": int, "runtime_dir": Path,
+            "redis_url": str,
+            "node": str,
+            "prefix": str,
+            "heartbeat_interval": float,
+            "heartbeat_ttl": float,
+            "reply_timeout": float,
+            "lease_ttl": float,
+            "sweep_interval": float,
+            "max_message_bytes": int,
+            "runtime_dir": Path,
         }
         for name, cast in casts.items():
             raw = env.get(ENV_PREFIX + name.upper())
@@ -69,8 +81,9 @@ class Settings:
             try:
                 values[name] = cast(raw)
             except ValueError:
-                raise ConfigError(f"{ENV_PREFIX}{name.upper()}: not a valid {cast.__name__}: "
-                                  f"{raw!r}") from None
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name.upper()}: not a valid {cast.__name__}: {raw!r}"
+                ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

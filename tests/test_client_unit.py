@@ -1,0 +1,214 @@
+"""Client and coordinator together in one event loop on fakeredis, with short timings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+
+from messenger import local
+from messenger.client import Client, format_message, list_users
+from messenger.coordinator import Coordinator, LeaseLost
+from messenger.errors import InvalidInput, NoConnection, NoResponse, Rejected
+from messenger.keys import Keys
+from messenger.protocol import Reply
+from messenger.settings import Settings
+
+FAST = {
+    "heartbeat_interval": 0.05,
+    "heartbeat_ttl": 0.3,
+    "reply_timeout": 0.5,
+    "lease_ttl": 0.4,
+    "sweep_interval": 0.02,
+}
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+def settings(tmp_path: Path, node: str) -> Settings:
+    return Settings(redis_url="redis://fake", node=node, prefix="c", runtime_dir=tmp_path, **FAST)  # type: ignore[arg-type]
+
+
+def redis_of(server: fakeredis.FakeServer) -> Any:
+    return fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+
+
+@pytest.fixture
+async def coordinator(server: fakeredis.FakeServer, tmp_path: Path) -> AsyncIterator[Coordinator]:
+    c = Coordinator(redis_of(server), settings(tmp_path, "server"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(c.run(stop))
+    await asyncio.wait_for(_until(lambda: c.redis.exists(Keys("c").lease)), 2)
+    yield c
+    stop.set()
+    with contextlib.suppress(LeaseLost):  # a test that takes the lease away ends it this way
+        await asyncio.wait_for(task, 5)
+    await c.redis.aclose()
+
+
+async def _until(check: Any) -> None:
+    while not await check():
+        await asyncio.sleep(0.01)
+
+
+class Node:
+    def __init__(self, server: fakeredis.FakeServer, tmp_path: Path, name: str, node: str):
+        self.lines: list[str] = []
+        self.client = Client(
+            redis_of(server), settings(tmp_path, node), name, out=self.lines.append
+        )
+        self.serving: asyncio.Task[Any] | None = None
+
+    async def start(self) -> None:
+        await self.client.logon()
+        self.serving = asyncio.create_task(self.client.serve())
+
+    async def result(self) -> Any:
+        assert self.serving is not None
+        return await asyncio.wait_for(self.serving, 5)
+
+
+@pytest.fixture
+async def nodes(server: fakeredis.FakeServer, tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[Node] = []
+
+    def make(name: str, node: str) -> Node:
+        n = Node(server, tmp_path, name, node)
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.client.stop(None)
+        with contextlib.suppress(Exception):
+            await n.client.close()
+
+
+async def test_logon_message_logoff(coordinator: Coordinator, nodes: Any) -> None:
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+    assert await alice.client.send("bob", "hi \x1b[2J") == Reply.SENT
+    await asyncio.wait_for(_until(_async(lambda: bool(bob.lines))), 2)
+    assert (
+        bob.lines == [format_message("alice", "hi \x1b[2J")] == ["Message from alice: hi \\x1b[2J"]
+    )
+    assert await alice.client.send("carol", "x") == Reply.RECEIVER_NOT_FOUND
+    assert await list_users(coordinator.redis, "c") == [("alice", "n1"), ("bob", "n2")]
+    assert await bob.client.logoff() == Reply.LOGGED_OFF
+    assert await bob.result() is None
+    assert await list_users(coordinator.redis, "c") == [("alice", "n1")]
+
+
+def _async(f: Any) -> Any:
+    async def check() -> bool:
+        return bool(f())
+
+    return check
+
+
+async def test_rejected_logons(coordinator: Coordinator, nodes: Any) -> None:
+    await nodes("alice", "n1").start()
+    with pytest.raises(Rejected, match=Reply.USER_EXISTS):
+        await nodes("alice", "n2").client.logon()
+    with pytest.raises(Rejected, match=Reply.ALREADY_LOGGED_ON):
+        await nodes("bob", "n1").client.logon()
+
+
+async def test_bad_input_is_refused_before_anything_is_sent(
+    coordinator: Coordinator, nodes: Any
+) -> None:
+    with pytest.raises(InvalidInput):
+        nodes("bad name", "n1")
+    alice = nodes("alice", "n1")
+    await alice.start()
+    with pytest.raises(InvalidInput):
+        await alice.client.send("bob", "")
+    with pytest.raises(InvalidInput):
+        await alice.client.send("b*b", "x")
+
+
+async def test_removed_session_stops_the_client(coordinator: Coordinator, nodes: Any) -> None:
+    alice = nodes("alice", "n1")
+    await alice.start()
+    k = Keys("c")
+    await coordinator.redis.hdel(k.sessions, alice.client.sid)
+    reason = await alice.result()
+    assert isinstance(reason, Rejected)
+    assert reason.message == Reply.YOU_ARE_NOT_LOGGED_ON
+
+
+async def test_no_coordinator_at_logon_is_noconnection(
+    server: fakeredis.FakeServer, nodes: Any
+) -> None:
+    with pytest.raises(NoConnection):
+        await nodes("alice", "n1").client.logon()
+
+
+async def test_silent_coordinator_is_no_response(server: fakeredis.FakeServer, nodes: Any) -> None:
+    # A lease is held but nobody serves the stream: the seed's 5 s wait, here 0.5 s.
+    r = redis_of(server)
+    await r.set(Keys("c").lease, "someone", px=10_000)
+    alice = nodes("alice", "n1")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(NoResponse):
+        await alice.client.logon()
+    assert 0.5 <= loop.time() - start < 2.0
+    await r.aclose()
+
+
+async def test_coordinator_gone_stops_clients_with_noconnection(
+    coordinator: Coordinator, nodes: Any
+) -> None:
+    alice = nodes("alice", "n1")
+    await alice.start()
+    await coordinator.redis.delete(Keys("c").lease)  # as if it died and its lease ran out
+    reason = await alice.result()
+    assert isinstance(reason, NoConnection)
+
+
+async def test_coordinator_stopping_tells_clients_at_once(
+    coordinator: Coordinator, nodes: Any
+) -> None:
+    alice = nodes("alice", "n1")
+    await alice.start()
+    await coordinator.shutdown()
+    reason = await alice.result()
+    assert isinstance(reason, NoConnection)
+    assert "stopped" in reason.detail
+
+
+async def test_local_socket_commands(coordinator: Coordinator, nodes: Any, tmp_path: Path) -> None:
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+    s1 = settings(tmp_path, "n1")
+    assert await local.client_alive(s1)
+    assert await local.call(s1, {"op": "message", "to": "bob", "text": "yo"}, 2) == {
+        "reply": "sent"
+    }
+    answer = await local.call(s1, {"op": "message", "to": "nobody", "text": "yo"}, 2)
+    assert answer == {"reply": "receiver-not-found"}
+    bad = await local.call(s1, {"op": "message", "to": "bob", "text": ""}, 2)
+    assert bad["exit"] == "2"
+    with pytest.raises(Rejected, match="not-logged-on"):
+        await local.call(settings(tmp_path, "n9"), {"op": "logoff"}, 2)
+    assert await local.call(s1, {"op": "logoff"}, 2) == {"reply": "logged-off"}
+    assert await alice.result() is None
+
+
+async def test_stale_socket_file_is_not_a_client(tmp_path: Path) -> None:
+    s = settings(tmp_path, "n1")
+    path = local.socket_path(s)
+    path.write_text("")  # left behind by a kill -9
+    assert not await local.client_alive(s)
+    assert not path.exists()

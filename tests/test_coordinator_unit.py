@@ -1,0 +1,372 @@
+"""The coordinator's rules on fakeredis with a fake clock: deterministic, milliseconds each."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import pytest
+
+from messenger.coordinator import Coordinator, LeaseLost
+from messenger.keys import Keys
+from messenger.protocol import Reply, Request
+from messenger.scripts import Scripts
+from messenger.settings import Settings
+
+T0 = 1_000_000_000_000
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1000)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(redis_url="redis://fake", node="test", prefix="u")
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    r = fakeredis.FakeAsyncRedis(decode_responses=True)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+async def coord(redis: Any, settings: Settings, clock: FakeClock) -> Coordinator:
+    c = Coordinator(redis, settings, clock=clock)
+    assert await c.try_acquire_lease()
+    return c
+
+
+def sid() -> str:
+    return secrets.token_hex(16)
+
+
+async def handle(c: Coordinator, clock: FakeClock, r: Request, sent_ms: int | None = None) -> Any:
+    entry = f"{clock.now if sent_ms is None else sent_ms}-0"
+    return await c.handle(entry, r.fields())
+
+
+async def logon(
+    c: Coordinator, clock: FakeClock, name: str, node: str, session: str | None = None
+) -> tuple[str, Any]:
+    s = session or sid()
+    return s, await handle(c, clock, Request("logon", sid(), s, name=name, node=node))
+
+
+async def users(redis: Any) -> dict[str, str]:
+    k = Keys("u")
+    names: dict[str, str] = await redis.hgetall(k.names)
+    sessions: dict[str, str] = await redis.hgetall(k.sessions)
+    return {name: json.loads(sessions[s])["node"] for name, s in names.items()}
+
+
+# --- point 1: logon rules -------------------------------------------------------------------
+
+
+async def test_logon_and_the_two_rejections(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    _, reply = await logon(coord, clock, "alice", "n1")
+    assert reply == Reply.LOGGED_ON
+    _, reply = await logon(coord, clock, "alice", "n2")
+    assert reply == Reply.USER_EXISTS
+    _, reply = await logon(coord, clock, "bob", "n1")
+    assert reply == Reply.ALREADY_LOGGED_ON
+    assert await users(redis) == {"alice": "n1"}
+
+
+async def test_same_node_name_from_two_machines_only_one_wins(
+    coord: Coordinator, clock: FakeClock
+) -> None:
+    replies = [(await logon(coord, clock, name, "shared"))[1] for name in ("alice", "bob")]
+    assert replies == [Reply.LOGGED_ON, Reply.ALREADY_LOGGED_ON]
+
+
+async def test_twenty_logons_of_one_name_give_one_logged_on(
+    coord: Coordinator, clock: FakeClock
+) -> None:
+    results = await asyncio.gather(*(logon(coord, clock, "alice", f"n{i}") for i in range(20)))
+    replies = [reply for _, reply in results]
+    assert replies.count(Reply.LOGGED_ON) == 1
+    assert replies.count(Reply.USER_EXISTS) == 19
+
+
+async def test_two_coordinators_racing_on_one_redis_still_one_winner(
+    redis: Any, settings: Settings, clock: FakeClock
+) -> None:
+    # Even a stale coordinator that still thinks it leads cannot break the rule: the check
+    # and the write are one script, and a script without the lease does nothing.
+    a = Coordinator(redis, settings, clock=clock)
+    b = Coordinator(redis, settings, clock=clock)
+    assert await a.try_acquire_lease()
+    assert not await b.try_acquire_lease()
+    assert (await logon(a, clock, "alice", "n1"))[1] == Reply.LOGGED_ON
+    with pytest.raises(LeaseLost):
+        await logon(b, clock, "alice", "n2")
+    assert await users(redis) == {"alice": "n1"}
+
+
+# --- point 2: messages ----------------------------------------------------------------------
+
+
+async def test_message_sent_only_when_someone_listens(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    b, _ = await logon(coord, clock, "bob", "n2")
+    k = Keys("u")
+    # bob's client is not subscribed (crashed): nobody got it, so it is not `sent`
+    assert (
+        await handle(coord, clock, Request("message-to", sid(), a, to="bob", text="x"))
+        == Reply.RECEIVER_NOT_FOUND
+    )
+    inbox = redis.pubsub()
+    await inbox.subscribe(k.inbox(b))
+    assert (
+        await handle(coord, clock, Request("message-to", sid(), a, to="bob", text="hi"))
+        == Reply.SENT
+    )
+    assert (
+        await handle(coord, clock, Request("message-to", sid(), a, to="carol", text="x"))
+        == Reply.RECEIVER_NOT_FOUND
+    )
+    got = [m async for m in _drain(inbox)]
+    assert [json.loads(m) for m in got] == [{"t": "msg", "from": "alice", "text": "hi"}]
+    await inbox.aclose()
+
+
+async def _drain(pubsub: Any) -> AsyncIterator[str]:
+    # Subscribe confirmations come back as messages too; skip them, stop at the first silence.
+    while True:
+        msg = await pubsub.get_message(timeout=0.05)
+        if msg is None:
+            return
+        if msg["type"] == "message":
+            yield msg["data"]
+
+
+async def test_reply_is_published_to_the_senders_inbox(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    session = sid()
+    inbox = redis.pubsub()
+    await inbox.subscribe(Keys("u").inbox(session))
+    req = Request("logon", sid(), session, name="alice", node="n1")
+    await handle(coord, clock, req)
+    got = [json.loads(m) async for m in _drain(inbox)]
+    assert got == [{"t": "reply", "req": req.req, "r": "logged-on"}]
+    await inbox.aclose()
+
+
+# --- point 3: unknown senders and fencing ---------------------------------------------------
+
+
+async def test_unknown_sender_is_told_it_is_not_logged_on(
+    coord: Coordinator, clock: FakeClock
+) -> None:
+    await logon(coord, clock, "bob", "n2")
+    assert (
+        await handle(coord, clock, Request("message-to", sid(), sid(), to="bob", text="x"))
+        == Reply.YOU_ARE_NOT_LOGGED_ON
+    )
+
+
+async def test_stale_session_cannot_revive_refresh_or_log_off_the_new_owner(
+    coord: Coordinator, clock: FakeClock, redis: Any, settings: Settings
+) -> None:
+    old, _ = await logon(coord, clock, "alice", "n1")
+    clock.advance(settings.heartbeat_ttl + 0.001)
+    assert [n for _, n, _ in await coord.sweep()] == ["alice"]
+    new, reply = await logon(coord, clock, "alice", "n2")
+    assert reply == Reply.LOGGED_ON
+    scripts = Scripts(redis, Keys("u"))
+    deadline_before = await redis.zscore(Keys("u").deadlines, new)
+    # the old client's heartbeat is refused and touches nothing
+    assert await scripts.heartbeat(old, settings.heartbeat_ttl_ms, clock.now + 500) == -1
+    assert await redis.zscore(Keys("u").deadlines, new) == deadline_before
+    assert await redis.zscore(Keys("u").deadlines, old) is None
+    # the old client's logoff and messages are refused; the new owner stays
+    assert await handle(coord, clock, Request("logoff", sid(), old)) == Reply.NOT_LOGGED_ON
+    assert (
+        await handle(coord, clock, Request("message-to", sid(), old, to="alice", text="x"))
+        == Reply.YOU_ARE_NOT_LOGGED_ON
+    )
+    assert await users(redis) == {"alice": "n2"}
+
+
+async def test_old_node_entry_is_not_removed_by_a_stale_session(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    old, _ = await logon(coord, clock, "alice", "n1")
+    assert await handle(coord, clock, Request("logoff", sid(), old)) == Reply.LOGGED_OFF
+    _new, _ = await logon(coord, clock, "bob", "n1")
+    assert await handle(coord, clock, Request("logoff", sid(), old)) == Reply.NOT_LOGGED_ON
+    assert await users(redis) == {"bob": "n1"}
+
+
+# --- point 4: heartbeats and the sweep ------------------------------------------------------
+
+
+async def test_sweep_logs_off_exactly_the_sessions_past_their_deadline(
+    coord: Coordinator, clock: FakeClock, redis: Any, settings: Settings
+) -> None:
+    scripts = Scripts(redis, Keys("u"))
+    a, _ = await logon(coord, clock, "alice", "n1")
+    b, _ = await logon(coord, clock, "bob", "n2")
+    for _ in range(5):  # alice keeps beating, bob has stopped
+        clock.advance(settings.heartbeat_interval)
+        assert await scripts.heartbeat(a, settings.heartbeat_ttl_ms, clock.now) == 1
+        removed = await coord.sweep()
+        if removed:
+            break
+    assert removed == [(b, "bob", "n2")]
+    # bob went at the first sweep after his deadline (logon + TTL), not before
+    assert clock.now - T0 == settings.heartbeat_ttl_ms
+    assert await users(redis) == {"alice": "n1"}
+    assert not await redis.exists(Keys("u").hb(b))
+    assert await redis.exists(Keys("u").hb(a))
+
+
+async def test_sweep_before_deadline_removes_nothing(
+    coord: Coordinator, clock: FakeClock, settings: Settings
+) -> None:
+    await logon(coord, clock, "alice", "n1")
+    clock.advance(settings.heartbeat_ttl - 0.001)
+    assert await coord.sweep() == []
+
+
+async def test_clean_logoff_removes_at_once(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    assert await handle(coord, clock, Request("logoff", sid(), a)) == Reply.LOGGED_OFF
+    assert await users(redis) == {}
+    assert await redis.zcard(Keys("u").deadlines) == 0
+    assert (await logon(coord, clock, "alice", "n2"))[1] == Reply.LOGGED_ON
+
+
+async def test_heartbeat_reports_a_missing_coordinator(
+    coord: Coordinator, clock: FakeClock, redis: Any, settings: Settings
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    scripts = Scripts(redis, Keys("u"))
+    assert await scripts.heartbeat(a, settings.heartbeat_ttl_ms, clock.now) == 1
+    await scripts.lease_release(coord.id)
+    assert await scripts.heartbeat(a, settings.heartbeat_ttl_ms, clock.now) == 0
+
+
+# --- point 5 / requests that outlive their sender -------------------------------------------
+
+
+async def test_request_older_than_the_reply_timeout_is_not_applied(
+    coord: Coordinator, clock: FakeClock, redis: Any, settings: Settings
+) -> None:
+    sent = clock.now
+    clock.advance(settings.reply_timeout + 0.001)
+    reply = await handle(
+        coord, clock, Request("logon", sid(), sid(), name="alice", node="n1"), sent_ms=sent
+    )
+    assert reply == Reply.EXPIRED
+    assert await users(redis) == {}
+
+
+async def test_a_request_is_applied_at_most_once(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    b, _ = await logon(coord, clock, "bob", "n2")
+    inbox = redis.pubsub()
+    await inbox.subscribe(Keys("u").inbox(b))
+    req = Request("message-to", sid(), a, to="bob", text="once")
+    assert await handle(coord, clock, req) == Reply.SENT
+    assert await handle(coord, clock, req) == Reply.SENT  # replayed (e.g. reclaimed): same reply
+    got = [json.loads(m)["text"] async for m in _drain(inbox)]
+    assert got == ["once"]
+    await inbox.aclose()
+
+
+# --- point 6: malformed requests and logging ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"garbage": "yes"},
+        {"k": "logon", "req": "x", "sid": "y"},
+        {"k": "message-to", "req": "a" * 32, "sid": "b" * 32, "to": "*", "text": "x"},
+        {"k": "logon", "req": "a" * 32, "sid": "b" * 32, "name": "\x1b[2J", "node": "n1"},
+    ],
+)
+async def test_malformed_request_is_logged_and_dropped(
+    coord: Coordinator,
+    clock: FakeClock,
+    redis: Any,
+    fields: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "messenger.coordinator")
+    assert await coord.handle(f"{clock.now}-0", fields) is None
+    assert "dropped malformed request" in caplog.text
+    assert (await logon(coord, clock, "alice", "n1"))[1] == Reply.LOGGED_ON
+
+
+async def test_each_change_of_the_list_is_logged(
+    coord: Coordinator, clock: FakeClock, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "messenger.coordinator")
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await logon(coord, clock, "bob", "n2")
+    await handle(coord, clock, Request("logoff", sid(), a))
+    clock.advance(settings.heartbeat_ttl + 1)
+    await coord.sweep()
+    lines = [r.getMessage() for r in caplog.records if "list is now" in r.getMessage()]
+    assert [line.split(" (")[0] for line in lines] == [
+        "list is now: [alice@n1]",
+        "list is now: [alice@n1, bob@n2]",
+        "list is now: [bob@n2]",
+        "list is now: []",
+    ]
+
+
+# --- point 7: Redis is the source of truth --------------------------------------------------
+
+
+async def test_a_new_coordinator_resumes_from_redis(
+    redis: Any, settings: Settings, clock: FakeClock
+) -> None:
+    first = Coordinator(redis, settings, clock=clock)
+    assert await first.try_acquire_lease()
+    a, _ = await logon(first, clock, "alice", "n1")
+    await logon(first, clock, "bob", "n2")
+    await redis.delete(Keys("u").lease)  # the first one died; its lease expired
+    second = Coordinator(redis, settings, clock=clock)
+    assert await second.try_acquire_lease()
+    assert (await logon(second, clock, "alice", "n3"))[1] == Reply.USER_EXISTS
+    # bob's client died with the first coordinator: swept, not a ghost; alice kept beating
+    clock.advance(settings.heartbeat_ttl / 2)
+    await Scripts(redis, Keys("u")).heartbeat(a, settings.heartbeat_ttl_ms, clock.now)
+    clock.advance(settings.heartbeat_ttl / 2 + 0.001)
+    assert [n for _, n, _ in await second.sweep()] == ["bob"]
+    assert await users(redis) == {"alice": "n1"}
+    # and the first can no longer act
+    with pytest.raises(LeaseLost):
+        await first.sweep()

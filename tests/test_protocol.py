@@ -1,0 +1,136 @@
+"""Pure protocol: validation, encoding, decoding. No Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from messenger.errors import InvalidInput, ProtocolError
+from messenger.protocol import (
+    MessageEvent,
+    Reply,
+    ReplyEvent,
+    Request,
+    StoppingEvent,
+    decode_event,
+    decode_local_request,
+    decode_request,
+    encode_event,
+    entry_ms,
+    printable,
+    validate_name,
+    validate_node,
+    validate_text,
+)
+
+SID = "a" * 32
+REQ = "b" * 32
+
+
+@pytest.mark.parametrize("name", ["alice", "Bob_2", "x", "a.b-c", "a" * 32])
+def test_valid_names(name: str) -> None:
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a" * 33, "-lead", "has space", "a*", "a?", "a[b]", "a:b", "é", "a\x1b", "a\n"]
+)
+def test_invalid_names_are_rejected_with_the_rule(name: str) -> None:
+    with pytest.raises(InvalidInput, match="letters, digits"):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("node", ["n1", "host.example.org", "messenger@renat", "a" * 64])
+def test_valid_nodes(node: str) -> None:
+    assert validate_node(node) == node
+
+
+@pytest.mark.parametrize("node", ["", "a" * 65, "n 1", "n*", "n:1", "/etc"])
+def test_invalid_nodes(node: str) -> None:
+    with pytest.raises(InvalidInput):
+        validate_node(node)
+
+
+def test_text_rules() -> None:
+    assert validate_text("hé", 3) == "hé"
+    with pytest.raises(InvalidInput, match="empty"):
+        validate_text("", 10)
+    with pytest.raises(InvalidInput, match="4 bytes; the limit is 3"):
+        validate_text("héé"[:2] + "x", 3)
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        validate_text("bad\udcff", 100)
+
+
+def test_printable_escapes_terminal_control() -> None:
+    assert printable("hi\x1b[2J\r\x07there\u202e") == "hi\\x1b[2J\\x0d\\x07there\\u202e"
+    assert printable("plain ünïcode") == "plain ünïcode"
+
+
+def test_request_round_trip() -> None:
+    req = Request("message-to", REQ, SID, to="bob", text="hello")
+    decoded = decode_request("1700000000123-4", req.fields(), 100)
+    assert decoded == Request("message-to", REQ, SID, to="bob", text="hello", sent_ms=1700000000123)
+    logon = Request("logon", REQ, SID, name="alice", node="n1")
+    assert decode_request("5-0", logon.fields(), 100).name == "alice"
+    assert decode_request("5-0", Request("logoff", REQ, SID).fields(), 100).kind == "logoff"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"k": "nope", "req": REQ, "sid": SID},
+        {"k": "logoff", "req": "short", "sid": SID},
+        {"k": "logoff", "req": REQ, "sid": "x" * 32},
+        {"k": "logon", "req": REQ, "sid": SID, "name": "bad name", "node": "n1"},
+        {"k": "logon", "req": REQ, "sid": SID, "name": "alice"},
+        {"k": "message-to", "req": REQ, "sid": SID, "to": "bob", "text": ""},
+        {"k": "message-to", "req": REQ, "sid": SID, "to": "bob", "text": "x" * 101},
+    ],
+)
+def test_malformed_requests_raise_protocol_error(fields: dict[str, str]) -> None:
+    with pytest.raises(ProtocolError):
+        decode_request("1-0", fields, 100)
+
+
+def test_entry_ms() -> None:
+    assert entry_ms("1700000000123-7") == 1700000000123
+    with pytest.raises(ProtocolError):
+        entry_ms("garbage")
+
+
+@pytest.mark.parametrize(
+    "event", [ReplyEvent(REQ, Reply.SENT), MessageEvent("alice", "hi ü"), StoppingEvent("c1")]
+)
+def test_event_round_trip(event: ReplyEvent | MessageEvent | StoppingEvent) -> None:
+    assert decode_event(encode_event(event)) == event
+
+
+def test_event_from_lua_cjson_decodes() -> None:
+    # cjson escapes '/' and leaves UTF-8 raw; both must decode.
+    assert decode_event('{"t":"msg","from":"a","text":"x\\/y ü"}') == MessageEvent("a", "x/y ü")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xfe",
+        "[]",
+        "{}",
+        '{"t":"reply","req":"x","r":"bogus"}',
+        '{"t":"other"}',
+        '{"t":"msg"}',
+        "null",
+        "42",
+    ],
+)
+def test_garbage_events_raise_protocol_error(data: str | bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_event(data)
+
+
+def test_local_requests() -> None:
+    assert decode_local_request(b'{"op":"message","to":"bob","text":"hi"}\n').to == "bob"
+    assert decode_local_request(b'{"op":"logoff"}').op == "logoff"
+    for bad in (b"", b"{}", b'{"op":"rm -rf"}', b"\xff"):
+        with pytest.raises(ProtocolError):
+            decode_local_request(bad)
