@@ -48,6 +48,9 @@ def connect(url: str, *, socket_timeout: float | None, name: str = "messenger") 
         return Redis.from_url(
             url,
             decode_responses=True,
+            # Bytes that are not UTF-8 (from a rogue writer) must not crash a reader: they
+            # decode to U+FFFD and then fail validation like any other bad input.
+            encoding_errors="replace",
             socket_timeout=socket_timeout,
             socket_connect_timeout=min(socket_timeout or 5.0, 5.0),
             retry=Retry(NoBackoff(), 0),

@@ -169,7 +169,14 @@ class Coordinator:
 
     async def _process(self, entries: list[tuple[str, dict[str, str]]]) -> None:
         for entry_id, fields in entries:
-            await self.handle(entry_id, fields)
+            try:
+                await self.handle(entry_id, fields)
+            except (LeaseLost, RedisConnectionError, RedisTimeoutError):
+                raise
+            except Exception:
+                # Acknowledged below all the same: a request that breaks the coordinator once
+                # would break it again on every reclaim.
+                log.exception("dropped request %s after an unexpected error", entry_id)
         if entries:
             ids = [entry_id for entry_id, _ in entries]
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -231,6 +238,12 @@ class Coordinator:
                 await self.serve(stop)
             except (RedisConnectionError, RedisTimeoutError) as e:
                 log.error("lost Redis (%s); retrying", e)
+                await _wait(stop, 1.0)
+            except LeaseLost:
+                raise
+            except Exception:
+                # A bug must not take the messenger down with it: log it, start serving again.
+                log.exception("unexpected error; serving again in 1 s")
                 await _wait(stop, 1.0)
         await self.shutdown()
 

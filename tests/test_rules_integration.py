@@ -1,0 +1,233 @@
+"""Points 1, 2, 3, 6 and 7 of the core issue through the real CLI on a real Redis."""
+
+from __future__ import annotations
+
+import json
+import signal
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from messenger.embedded import EmbeddedRedis
+from messenger.keys import Keys
+from tests.harness import Proc, Procs, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def db(redis_server: EmbeddedRedis) -> Iterator[Any]:
+    r = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def keys(procs: Procs) -> Keys:
+    return Keys(procs.env["MESSENGER_PREFIX"])
+
+
+def names(db: Any, keys: Keys) -> dict[str, str]:
+    return dict(db.hgetall(keys.names))
+
+
+def released_together(procs: Procs, db: Any, keys: Keys, server: Proc,
+                      starts: list[tuple[str, ...]], **env: str) -> list[Proc]:
+    """Line racers up: the coordinator is stopped while every request is queued, then resumed,
+    so all of them arrive at once however slowly the processes start."""
+    server.signal(signal.SIGSTOP)
+    try:
+        racers = [procs.start(*args, **env) for args in starts]
+        wait_until(lambda: db.xlen(keys.requests) >= len(starts), 30, "all requests queued")
+    finally:
+        server.signal(signal.SIGCONT)
+    return racers
+
+
+def outcome(proc: Proc, timeout: float = 20) -> str:
+    line = proc.wait_line(r"^(logged-on|user-exists-at-other-node|already-logged-on)$", timeout)
+    return line
+
+
+# --- point 1 ----------------------------------------------------------------------------------
+
+
+def test_twenty_simultaneous_logons_of_one_name_one_wins(procs: Procs, db: Any,
+                                                         keys: Keys) -> None:
+    server = procs.server(MESSENGER_LEASE_TTL="60")
+    racers = released_together(
+        procs, db, keys, server, [("logon", "alice", "--node", f"n{i}") for i in range(20)],
+        MESSENGER_REPLY_TIMEOUT="30")
+    results = [outcome(p) for p in racers]
+    assert results.count("logged-on") == 1
+    assert results.count("user-exists-at-other-node") == 19
+    losers = [p for p, r in zip(racers, results, strict=True) if r != "logged-on"]
+    assert all(p.wait_exit(10) == 1 for p in losers)
+    assert list(names(db, keys)) == ["alice"]
+
+
+def test_two_machines_claiming_one_node_name(procs: Procs, db: Any, keys: Keys) -> None:
+    server = procs.server(MESSENGER_LEASE_TTL="60")
+    with tempfile.TemporaryDirectory(prefix="mt-") as other_machine:
+        racers = released_together(
+            procs, db, keys, server,
+            [("logon", "alice", "--node", "n1"),
+             ("logon", "bob", "--node", "n1", "--runtime-dir", other_machine)],
+            MESSENGER_REPLY_TIMEOUT="30")
+        results = sorted(outcome(p) for p in racers)
+    assert results == ["already-logged-on", "logged-on"]
+    assert len(names(db, keys)) == 1
+
+
+def test_second_user_on_a_node_is_refused_locally(procs: Procs) -> None:
+    procs.server()
+    procs.logon("alice", "n1")
+    code, out, _ = procs.run("logon", "bob", "--node", "n1")
+    assert (code, out) == (1, ["already-logged-on"])
+    code, out, _ = procs.run("logon", "alice", "--node", "n2")
+    assert (code, out) == (1, ["user-exists-at-other-node"])
+
+
+# --- point 2 ----------------------------------------------------------------------------------
+
+
+def test_message_replies(procs: Procs) -> None:
+    procs.server()
+    code, out, _ = procs.run("message", "bob", "hi", "--node", "n1")
+    assert (code, out) == (1, ["not-logged-on"])
+    procs.logon("alice", "n1")
+    code, out, _ = procs.run("message", "bob", "hi", "--node", "n1")
+    assert (code, out) == (1, ["receiver-not-found"])
+
+
+def test_message_to_a_crashed_receiver_is_never_sent(procs: Procs, db: Any, keys: Keys) -> None:
+    slow = {"MESSENGER_HEARTBEAT_TTL": "60"}  # bob stays listed long after his client died
+    procs.server()
+    procs.logon("alice", "n1", **slow)
+    bob = procs.logon("bob", "n2", **slow)
+    bob.kill()
+    assert "bob" in names(db, keys)
+    code, out, _ = procs.run("message", "bob", "hi", "--node", "n1")
+    assert (code, out) == (1, ["receiver-not-found"])
+
+
+# --- point 3 ----------------------------------------------------------------------------------
+
+
+def test_unknown_sender_is_told_and_its_client_stops(procs: Procs, db: Any, keys: Keys) -> None:
+    slow = {"MESSENGER_HEARTBEAT_INTERVAL": "20", "MESSENGER_HEARTBEAT_TTL": "60"}
+    procs.server()
+    alice = procs.logon("alice", "n1", **slow)
+    procs.logon("bob", "n2", **slow)
+    sid = db.hget(keys.names, "alice")
+    db.hdel(keys.sessions, sid)  # the server no longer knows alice's session
+    code, out, _ = procs.run("message", "bob", "hi", "--node", "n1")
+    assert (code, out) == (1, ["you-are-not-logged-on"])
+    assert alice.wait_exit(10) == 1
+    assert alice.out[-1] == "you-are-not-logged-on"
+
+
+# --- point 6 ----------------------------------------------------------------------------------
+
+
+def test_garbage_never_takes_anything_down(procs: Procs, db: Any, keys: Keys) -> None:
+    server = procs.server()
+    alice = procs.logon("alice", "n1")
+    garbage: list[dict[str, Any]] = [
+        {"x": "y"},
+        {"k": "logon", "req": "1", "sid": "2"},
+        {"k": "message-to", "req": "a" * 32, "sid": "b" * 32, "to": "alice", "text": "x" * 2**20},
+        {"k": b"\xff\xfe", "req": b"\x00" * 32},
+        {"k": "logon", "req": "a" * 32, "sid": "b" * 32, "name": "x\r\x1b", "node": "n1"},
+    ]
+    for fields in garbage:
+        db.xadd(keys.requests, fields)
+    sid = db.hget(keys.names, "alice")
+    db.publish(keys.inbox(sid), b"\xff not json")
+    db.publish(keys.inbox(sid), json.dumps({"t": "reply", "req": "x", "r": "nonsense"}))
+    db.publish(keys.control, "{}")
+    server.wait_line("dropped malformed request", 10, stderr=True)
+    procs.logon("bob", "n2")
+    code, out, _ = procs.run("message", "alice", "still", "here", "--node", "n2")
+    assert (code, out) == (0, ["sent"])
+    alice.wait_line("^Message from bob: still here$")
+    assert server.running and alice.running
+    assert not [line for line in server.err if "Traceback" in line]
+
+
+def test_list_changes_are_logged(procs: Procs) -> None:
+    server = procs.server()
+    procs.logon("alice", "n1")
+    server.wait_line(r"list is now: \[alice@n1\]", 10, stderr=True)
+    procs.logon("bob", "n2")
+    server.wait_line(r"list is now: \[alice@n1, bob@n2\]", 10, stderr=True)
+    assert procs.run("logoff", "--node", "n1")[0] == 0
+    server.wait_line(r"list is now: \[bob@n2\]", 10, stderr=True)
+
+
+# --- point 7 ----------------------------------------------------------------------------------
+
+
+def test_restarted_coordinator_resumes_without_ghosts(procs: Procs, db: Any, keys: Keys) -> None:
+    first = procs.server()
+    alice = procs.logon("alice", "n1")
+    bob = procs.logon("bob", "n2")
+    first.kill()
+    assert alice.wait_exit(8) != 0 and bob.wait_exit(8) != 0
+    assert set(names(db, keys)) == {"alice", "bob"}  # what the dead clients left behind
+    procs.server()
+    # no ghosts: the new coordinator sweeps them within TTL + 1 s of their last heartbeat
+    wait_until(lambda: not names(db, keys), 5, "dead sessions swept")
+    procs.logon("alice", "n3")
+    code, out, _ = procs.run("logon", "alice", "--node", "n4")
+    assert (code, out) == (1, ["user-exists-at-other-node"])
+    code, out, _ = procs.run("who", "--json")
+    assert json.loads(out[0]) == [{"name": "alice", "node": "n3"}]
+
+
+def test_restart_keeps_users_whose_clients_live(procs: Procs, db: Any, keys: Keys) -> None:
+    # A coordinator restarted within the lease TTL: clients never saw it gone and stay on.
+    first = procs.server(MESSENGER_LEASE_TTL="10")
+    alice = procs.logon("alice", "n1")
+    first.kill()
+    db.delete(keys.lease)  # as if its lease had run out just as the new one starts
+    procs.server(MESSENGER_LEASE_TTL="10")
+    procs.logon("bob", "n2")
+    code, out, _ = procs.run("message", "alice", "welcome back", "--node", "n2")
+    assert (code, out) == (0, ["sent"])
+    alice.wait_line("^Message from bob: welcome back$")
+    assert sorted(names(db, keys)) == ["alice", "bob"]
+
+
+# --- bad input: a clear error and an exit code, never a traceback ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("logon", "bad name", "--node", "n1"), 2, "invalid user name"),
+        (("logon", "alice", "--node", "bad node"), 2, "invalid node name"),
+        (("message", "bob", ""), 2, "empty"),
+        (("message", "b*b", "hi"), 2, "invalid user name"),
+        (("logon", "alice", "--heartbeat-ttl", "0"), 2, "must be positive"),
+        (("logon", "alice", "--heartbeat-ttl", "x"), 2, "not a valid float"),
+        (("who", "--redis-url", "nonsense://x"), 2, "Redis URL"),
+        (("who", "--redis-url", "redis://127.0.0.1:1/0"), 3, "noconnection"),
+        (("nosuchcommand",), 2, "No such command"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(procs: Procs, args: tuple[str, ...], code: int,
+                                      needle: str) -> None:
+    got, out, err = procs.run(*args)
+    assert got == code
+    assert needle in "\n".join(out) + err
+    assert "Traceback" not in err
+
+
+def test_oversized_message_is_refused(procs: Procs) -> None:
+    code, _, err = procs.run("message", "bob", "x" * (64 * 1024 + 1))
+    assert code == 2
+    assert "limit is 65536" in err
