@@ -34,8 +34,9 @@ def names(db: Any, keys: Keys) -> dict[str, str]:
     return dict(db.hgetall(keys.names))
 
 
-def released_together(procs: Procs, db: Any, keys: Keys, server: Proc,
-                      starts: list[tuple[str, ...]], **env: str) -> list[Proc]:
+def released_together(
+    procs: Procs, db: Any, keys: Keys, server: Proc, starts: list[tuple[str, ...]], **env: str
+) -> list[Proc]:
     """Line racers up: the coordinator is stopped while every request is queued, then resumed,
     so all of them arrive at once however slowly the processes start."""
     server.signal(signal.SIGSTOP)
@@ -55,12 +56,16 @@ def outcome(proc: Proc, timeout: float = 20) -> str:
 # --- point 1 ----------------------------------------------------------------------------------
 
 
-def test_twenty_simultaneous_logons_of_one_name_one_wins(procs: Procs, db: Any,
-                                                         keys: Keys) -> None:
+def test_twenty_simultaneous_logons_of_one_name_one_wins(procs: Procs, db: Any, keys: Keys) -> None:
     server = procs.server(MESSENGER_LEASE_TTL="60")
     racers = released_together(
-        procs, db, keys, server, [("logon", "alice", "--node", f"n{i}") for i in range(20)],
-        MESSENGER_REPLY_TIMEOUT="30")
+        procs,
+        db,
+        keys,
+        server,
+        [("logon", "alice", "--node", f"n{i}") for i in range(20)],
+        MESSENGER_REPLY_TIMEOUT="30",
+    )
     results = [outcome(p) for p in racers]
     assert results.count("logged-on") == 1
     assert results.count("user-exists-at-other-node") == 19
@@ -73,10 +78,16 @@ def test_two_machines_claiming_one_node_name(procs: Procs, db: Any, keys: Keys) 
     server = procs.server(MESSENGER_LEASE_TTL="60")
     with tempfile.TemporaryDirectory(prefix="mt-") as other_machine:
         racers = released_together(
-            procs, db, keys, server,
-            [("logon", "alice", "--node", "n1"),
-             ("logon", "bob", "--node", "n1", "--runtime-dir", other_machine)],
-            MESSENGER_REPLY_TIMEOUT="30")
+            procs,
+            db,
+            keys,
+            server,
+            [
+                ("logon", "alice", "--node", "n1"),
+                ("logon", "bob", "--node", "n1", "--runtime-dir", other_machine),
+            ],
+            MESSENGER_REPLY_TIMEOUT="30",
+        )
         results = sorted(outcome(p) for p in racers)
     assert results == ["already-logged-on", "logged-on"]
     assert len(names(db, keys)) == 1
@@ -219,8 +230,9 @@ def test_restart_keeps_users_whose_clients_live(procs: Procs, db: Any, keys: Key
         (("nosuchcommand",), 2, "No such command"),
     ],
 )
-def test_bad_input_gets_a_clear_error(procs: Procs, args: tuple[str, ...], code: int,
-                                      needle: str) -> None:
+def test_bad_input_gets_a_clear_error(
+    procs: Procs, args: tuple[str, ...], code: int, needle: str
+) -> None:
     got, out, err = procs.run(*args)
     assert got == code
     assert needle in "\n".join(out) + err
