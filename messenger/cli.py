@@ -238,7 +238,7 @@ async def _logon(name: str, settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Ctrl-C or a polite kill is a logoff, not a crash.
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.logoff()))
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.leave()))
         reason = await client.serve()
     finally:
         await client.close()

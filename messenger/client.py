@@ -210,6 +210,11 @@ class Client:
         self.stop(None)
         return reply
 
+    async def leave(self) -> None:
+        """Log off on Ctrl-C or SIGTERM; a failure has already stopped the client with a reason."""
+        with contextlib.suppress(MessengerError):
+            await self.logoff()
+
     # --- background tasks -------------------------------------------------------------------
 
     async def _read_events(self) -> None:
