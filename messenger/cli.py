@@ -234,11 +234,12 @@ async def _logon(name: str, settings: Settings) -> None:
     client = Client(redis, settings, name, out=echo)
     try:
         await client.logon()
-        echo(Reply.LOGGED_ON)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            # Ctrl-C or a polite kill is a logoff, not a crash.
+            # Ctrl-C or a polite kill is a logoff, not a crash (installed before anyone can
+            # see `logged-on` and react to it).
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.leave()))
+        echo(Reply.LOGGED_ON)
         reason = await client.serve()
     finally:
         await client.close()

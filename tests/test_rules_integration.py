@@ -243,3 +243,14 @@ def test_oversized_message_is_refused(procs: Procs) -> None:
     code, _, err = procs.run("message", "bob", "x" * (64 * 1024 + 1))
     assert code == 2
     assert "limit is 65536" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_a_client_logs_it_off(procs: Procs, db: Any, keys: Keys, sig: int) -> None:
+    procs.server()
+    alice = procs.logon("alice", "n1")
+    alice.signal(sig)
+    assert alice.wait_exit(10) == 0
+    assert alice.out[-1] == "logged-off"
+    assert "alice" not in names(db, keys)
+    assert not [line for line in alice.err if "Traceback" in line or "exception" in line]
