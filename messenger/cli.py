@@ -248,7 +248,7 @@ async def _logon(name: str, settings: Settings) -> None:
     echo(Reply.LOGGED_OFF)
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("to")
 @click.argument("text", nargs=-1, required=True)
 @common_options
@@ -312,7 +312,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every MessengerError becomes its words and its exit code, never a traceback."""
     try:
-        cli.main(args=argv, prog_name="messenger", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="messenger", standalone_mode=False)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
@@ -329,4 +329,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

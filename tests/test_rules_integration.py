@@ -254,3 +254,12 @@ def test_interrupting_a_client_logs_it_off(procs: Procs, db: Any, keys: Keys, si
     assert alice.out[-1] == "logged-off"
     assert "alice" not in names(db, keys)
     assert not [line for line in alice.err if "Traceback" in line or "exception" in line]
+
+
+def test_text_may_start_with_a_dash(procs: Procs) -> None:
+    procs.server()
+    procs.logon("alice", "n1")
+    bob = procs.logon("bob", "n2")
+    code, out, _ = procs.run("message", "bob", "-1", "--is", "a", "number", "--node", "n1")
+    assert (code, out) == (0, ["sent"])
+    bob.wait_line("^Message from alice: -1 --is a number$")
