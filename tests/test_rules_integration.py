@@ -165,7 +165,8 @@ def test_garbage_never_takes_anything_down(procs: Procs, db: Any, keys: Keys) ->
     code, out, _ = procs.run("message", "alice", "still", "here", "--node", "n2")
     assert (code, out) == (0, ["sent"])
     alice.wait_line("^Message from bob: still here$")
-    assert server.running and alice.running
+    assert server.running
+    assert alice.running
     assert not [line for line in server.err if "Traceback" in line]
 
 
@@ -187,7 +188,8 @@ def test_restarted_coordinator_resumes_without_ghosts(procs: Procs, db: Any, key
     alice = procs.logon("alice", "n1")
     bob = procs.logon("bob", "n2")
     first.kill()
-    assert alice.wait_exit(8) != 0 and bob.wait_exit(8) != 0
+    assert alice.wait_exit(8) != 0
+    assert bob.wait_exit(8) != 0
     assert set(names(db, keys)) == {"alice", "bob"}  # what the dead clients left behind
     procs.server()
     # no ghosts: the new coordinator sweeps them within TTL + 1 s of their last heartbeat
