@@ -33,6 +33,7 @@ from messenger.errors import (
 from messenger.keys import Keys
 from messenger.protocol import (
     STOP_REPLIES,
+    Kind,
     MessageEvent,
     Reply,
     ReplyEvent,
@@ -124,9 +125,7 @@ class Client:
         except RedisError as e:
             raise NoConnection(str(e)) from None
         self._tasks.append(asyncio.create_task(self._read_events()))
-        reply = await self.request(
-            Request("logon", secrets.token_hex(16), self.sid, name=self.name, node=self.node)
-        )
+        reply = await self.request(self._new("logon", name=self.name, node=self.node))
         if reply != Reply.LOGGED_ON:
             raise Rejected(reply)
 
@@ -159,6 +158,20 @@ class Client:
             await self.redis.aclose()
 
     # --- requests ---------------------------------------------------------------------------
+
+    def _new(
+        self, kind: Kind, *, name: str = "", node: str = "", to: str = "", text: str = ""
+    ) -> Request:
+        return Request(
+            kind,
+            secrets.token_hex(16),
+            self.sid,
+            name=name,
+            node=node,
+            to=to,
+            text=text,
+            wait_ms=self.settings.reply_timeout_ms,
+        )
 
     async def request(self, request: Request) -> Reply:
         """Send a request and wait at most the reply timeout for its reply.
@@ -197,14 +210,12 @@ class Client:
         """`message TO TEXT`: sent, receiver-not-found, or you-are-not-logged-on."""
         validate_name(to)
         validate_text(text, self.settings.max_message_bytes)
-        return await self.request(
-            Request("message-to", secrets.token_hex(16), self.sid, to=to, text=text)
-        )
+        return await self.request(self._new("message-to", to=to, text=text))
 
     async def logoff(self) -> Reply:
         """Log off; the client stops cleanly whatever the server answers."""
         try:
-            reply = await self.request(Request("logoff", secrets.token_hex(16), self.sid))
+            reply = await self.request(self._new("logoff"))
         except Rejected as e:
             reply = Reply(e.message)
         self.stop(None)

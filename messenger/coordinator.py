@@ -34,6 +34,7 @@ Clock = Callable[[], int]
 
 _LIST_LOG_LIMIT = 50
 _BATCH = 100
+_REPLY_MARGIN_MS = 250
 
 
 class LeaseLost(Exception):
@@ -130,7 +131,10 @@ class Coordinator:
         return reply
 
     async def apply(self, r: Request) -> str:
-        s, timeout, now = self.settings, self.settings.reply_timeout_ms, self._now()
+        s, now = self.settings, self._now()
+        wait = r.wait_ms or s.reply_timeout_ms  # the sender's own wait is what counts
+        # Apply only while the reply can still reach a sender that is waiting for it.
+        timeout = wait - min(_REPLY_MARGIN_MS, wait // 5)
         if r.kind == "logon":
             return await self.scripts.logon(
                 self.id, r.req, r.sid, r.sent_ms, timeout, r.name, r.node, s.heartbeat_ttl_ms, now

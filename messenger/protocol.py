@@ -43,6 +43,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}")
 # Kept well under anything that could hurt: ids appear in key and channel names.
 _ID_RE = re.compile(r"[0-9a-f]{32}")
+_WAIT_RE = re.compile(r"[0-9]{1,7}")  # milliseconds, under 3 hours
 
 
 def validate_name(name: str) -> str:
@@ -103,10 +104,15 @@ class Request:
     to: str = ""
     text: str = ""
     sent_ms: int = 0  # Redis time at XADD, from the stream entry id; 0 until read back
+    # How long the sender waits for the reply; 0: not said (the coordinator's own timeout).
+    # The coordinator never applies a request its sender has stopped waiting for.
+    wait_ms: int = 0
 
     def fields(self) -> dict[str, str]:
         """Stream fields for XADD (the entry id, hence `sent_ms`, is Redis's to choose)."""
         out = {"k": self.kind, "req": self.req, "sid": self.sid}
+        if self.wait_ms:
+            out["wait"] = str(self.wait_ms)
         if self.kind == "logon":
             out |= {"name": self.name, "node": self.node}
         elif self.kind == "message-to":
@@ -131,6 +137,10 @@ def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -
     req, sid = fields.get("req", ""), fields.get("sid", "")
     if not _ID_RE.fullmatch(req) or not _ID_RE.fullmatch(sid):
         raise ProtocolError("request without a valid req/sid id")
+    wait = fields.get("wait", "0")
+    if not _WAIT_RE.fullmatch(wait):
+        raise ProtocolError(f"bad wait {wait[:20]!r}")
+    common: dict[str, Any] = {"sent_ms": entry_ms(entry_id), "wait_ms": int(wait)}
     try:
         if kind == "logon":
             return Request(
@@ -139,7 +149,7 @@ def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -
                 sid,
                 name=validate_name(fields.get("name", "")),
                 node=validate_node(fields.get("node", "")),
-                sent_ms=entry_ms(entry_id),
+                **common,
             )
         if kind == "message-to":
             return Request(
@@ -148,9 +158,9 @@ def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -
                 sid,
                 to=validate_name(fields.get("to", "")),
                 text=validate_text(fields.get("text", ""), max_text_bytes),
-                sent_ms=entry_ms(entry_id),
+                **common,
             )
-        return Request(kind, req, sid, sent_ms=entry_ms(entry_id))
+        return Request(kind, req, sid, **common)
     except InvalidInput as e:
         raise ProtocolError(e.message) from None
 

@@ -289,6 +289,26 @@ async def test_request_older_than_the_reply_timeout_is_not_applied(
     assert await users(redis) == {}
 
 
+@pytest.mark.parametrize(
+    ("wait_ms", "age_ms", "applied"),
+    [
+        (1000, 700, True),  # the reply still has time to reach the sender
+        (1000, 900, False),  # too close to the sender's deadline: its reply could arrive too late
+        (1000, 1500, False),  # the sender has given up
+        (20000, 10000, True),  # a sender that waits longer than the coordinator's own timeout
+    ],
+)
+async def test_the_senders_own_wait_bounds_when_a_request_applies(
+    coord: Coordinator, clock: FakeClock, redis: Any, wait_ms: int, age_ms: int, applied: bool
+) -> None:
+    sent = clock.now
+    clock.advance(age_ms / 1000)
+    req = Request("logon", sid(), sid(), name="alice", node="n1", wait_ms=wait_ms)
+    reply = await handle(coord, clock, req, sent_ms=sent)
+    assert reply == (Reply.LOGGED_ON if applied else Reply.EXPIRED)
+    assert (await users(redis) == {"alice": "n1"}) is applied
+
+
 async def test_a_request_is_applied_at_most_once(
     coord: Coordinator, clock: FakeClock, redis: Any
 ) -> None:

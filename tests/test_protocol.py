@@ -72,6 +72,8 @@ def test_request_round_trip() -> None:
     logon = Request("logon", REQ, SID, name="alice", node="n1")
     assert decode_request("5-0", logon.fields(), 100).name == "alice"
     assert decode_request("5-0", Request("logoff", REQ, SID).fields(), 100).kind == "logoff"
+    waited = Request("logoff", REQ, SID, wait_ms=1234).fields()
+    assert decode_request("5-0", waited, 100).wait_ms == 1234
 
 
 @pytest.mark.parametrize(
@@ -85,6 +87,8 @@ def test_request_round_trip() -> None:
         {"k": "logon", "req": REQ, "sid": SID, "name": "alice"},
         {"k": "message-to", "req": REQ, "sid": SID, "to": "bob", "text": ""},
         {"k": "message-to", "req": REQ, "sid": SID, "to": "bob", "text": "x" * 101},
+        {"k": "logoff", "req": REQ, "sid": SID, "wait": "-1"},
+        {"k": "logoff", "req": REQ, "sid": SID, "wait": "99999999999"},
     ],
 )
 def test_malformed_requests_raise_protocol_error(fields: dict[str, str]) -> None:
