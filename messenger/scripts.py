@@ -70,12 +70,23 @@ return reply
 """
 
 # KEYS[3] sessions, KEYS[4] names, KEYS[5] nodes, KEYS[6] deadlines, KEYS[7] hb key
-# ARGV[8] sid, ARGV[9] name, ARGV[10] node, ARGV[11] heartbeat ttl ms
+# ARGV[8] sid, ARGV[9] name, ARGV[10] node, ARGV[11] heartbeat ttl ms, ARGV[12] inbox prefix,
+# ARGV[13] hb key prefix
 _LOGON = """
 local sid, name, node, ttl = ARGV[8], ARGV[9], ARGV[10], tonumber(ARGV[11])
-if redis.call('HEXISTS', KEYS[5], node) == 1 or redis.call('HEXISTS', KEYS[3], sid) == 1 then
+-- A session whose client holds no subscription on its inbox any more is dead for good: Redis
+-- drops a closed connection's subscriptions at once, and clients never resubscribe. Clearing it
+-- here (not only at its deadline) lets a node or name whose client crashed log on again at once,
+-- while a hung client (its connection still open) keeps its session until the sweep.
+local function taken(owner)
+  if not owner then return false end
+  if redis.call('PUBSUB', 'NUMSUB', ARGV[12] .. owner)[2] > 0 then return true end
+  remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[13] .. owner, owner)
+  return false
+end
+if redis.call('HEXISTS', KEYS[3], sid) == 1 or taken(redis.call('HGET', KEYS[5], node)) then
   reply = 'already-logged-on'
-elseif redis.call('HEXISTS', KEYS[4], name) == 1 then
+elseif taken(redis.call('HGET', KEYS[4], name)) then
   reply = 'user-exists-at-other-node'
 else
   redis.call('HSET', KEYS[3], sid, cjson.encode({name=name, node=node, since=now}))
@@ -219,7 +230,7 @@ class Scripts:
         keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
         k = self.keys
         keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(sid)]
-        args += [sid, name, node, str(ttl_ms)]
+        args += [sid, name, node, str(ttl_ms), k.inbox_prefix, k.hb_prefix]
         return _text(await self._logon(keys=keys, args=args))
 
     async def message(

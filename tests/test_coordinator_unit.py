@@ -65,10 +65,25 @@ async def handle(c: Coordinator, clock: FakeClock, r: Request, sent_ms: int | No
     return await c.handle(entry, r.fields())
 
 
+_LISTENING: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_inboxes() -> AsyncIterator[None]:
+    yield
+    while _LISTENING:
+        await _LISTENING.pop().aclose()
+
+
 async def logon(
-    c: Coordinator, clock: FakeClock, name: str, node: str, session: str | None = None
+    c: Coordinator, clock: FakeClock, name: str, node: str, *, alive: bool = True
 ) -> tuple[str, Any]:
-    s = session or sid()
+    """Log on like a client does: subscribed to its inbox first, unless it is to be dead."""
+    s = sid()
+    if alive:
+        inbox = c.redis.pubsub()
+        await inbox.subscribe(Keys("u").inbox(s))
+        _LISTENING.append(inbox)
     return s, await handle(c, clock, Request("logon", sid(), s, name=name, node=node))
 
 
@@ -110,6 +125,18 @@ async def test_twenty_logons_of_one_name_give_one_logged_on(
     assert replies.count(Reply.USER_EXISTS) == 19
 
 
+async def test_a_crashed_clients_name_and_node_are_free_at_once(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    # Its connection is gone, so is its subscription: no need to wait for the deadline.
+    await logon(coord, clock, "alice", "n1", alive=False)
+    await logon(coord, clock, "bob", "n2", alive=False)
+    assert (await logon(coord, clock, "carol", "n1"))[1] == Reply.LOGGED_ON
+    assert (await logon(coord, clock, "bob", "n3"))[1] == Reply.LOGGED_ON
+    assert await users(redis) == {"carol": "n1", "bob": "n3"}
+    assert await redis.zcard(Keys("u").deadlines) == 2
+
+
 async def test_two_coordinators_racing_on_one_redis_still_one_winner(
     redis: Any, settings: Settings, clock: FakeClock
 ) -> None:
@@ -132,7 +159,7 @@ async def test_message_sent_only_when_someone_listens(
     coord: Coordinator, clock: FakeClock, redis: Any
 ) -> None:
     a, _ = await logon(coord, clock, "alice", "n1")
-    b, _ = await logon(coord, clock, "bob", "n2")
+    b, _ = await logon(coord, clock, "bob", "n2", alive=False)
     k = Keys("u")
     # bob's client is not subscribed (crashed): nobody got it, so it is not `sent`
     assert (

@@ -265,3 +265,21 @@ def test_text_may_start_with_a_dash(procs: Procs) -> None:
     code, out, _ = procs.run("message", "bob", "-1", "--is", "a", "number", "--node", "n1")
     assert (code, out) == (0, ["sent"])
     bob.wait_line("^Message from alice: -1 --is a number$")
+
+
+def test_crashed_node_logs_on_again_at_once_but_a_hung_one_does_not(
+    procs: Procs, db: Any, keys: Keys
+) -> None:
+    slow = {"MESSENGER_HEARTBEAT_TTL": "60"}  # so only the crash fast path can free anything
+    procs.server()
+    alice = procs.logon("alice", "n1", **slow)
+    bob = procs.logon("bob", "n2", **slow)
+    alice.kill()
+    procs.logon("alice", "n1", **slow)  # same node, same name, at once
+    bob.signal(signal.SIGSTOP)  # hung: its connection (and subscription) stays open
+    code, out, _ = procs.run("logon", "bob", "--node", "n3")
+    assert (code, out) == (1, ["user-exists-at-other-node"])
+    with tempfile.TemporaryDirectory(prefix="mt-") as other_machine:
+        code, out, _ = procs.run("logon", "carol", "--node", "n2", "--runtime-dir", other_machine)
+    assert (code, out) == (1, ["already-logged-on"])
+    assert sorted(names(db, keys)) == ["alice", "bob"]
