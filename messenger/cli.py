@@ -234,13 +234,15 @@ async def _logon(name: str, settings: Settings) -> None:
     client = Client(redis, settings, name, out=echo)
     try:
         await client.logon()
+        # Ready for `message` and `logoff` before anyone can see `logged-on` and use them.
+        await client.start_serving()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Ctrl-C or a polite kill is a logoff, not a crash (installed before anyone can
             # see `logged-on` and react to it).
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.leave()))
         echo(Reply.LOGGED_ON)
-        reason = await client.serve()
+        reason = await client.finished
     finally:
         await client.close()
     if reason is not None:

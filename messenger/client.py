@@ -129,10 +129,17 @@ class Client:
         if reply != Reply.LOGGED_ON:
             raise Rejected(reply)
 
-    async def serve(self) -> MessengerError | None:
-        """After logon: heartbeat and serve this node's commands until the client stops."""
+    async def start_serving(self) -> None:
+        """After logon: start the heartbeat and take this node's commands.
+
+        Then await `finished` for the reason the client stopped (None: logged off).
+        """
         self._server = await asyncio.start_unix_server(self._serve_local, self._bind_socket_path())
         self._tasks.append(asyncio.create_task(self._heartbeat()))
+
+    async def serve(self) -> MessengerError | None:
+        """start_serving(), then wait until the client stops."""
+        await self.start_serving()
         return await self.finished
 
     def _bind_socket_path(self) -> str:
