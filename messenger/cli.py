@@ -228,6 +228,7 @@ def logon(name: str, *, settings: Settings, verbose: bool) -> None:
 
 
 async def _logon(name: str, settings: Settings) -> None:
+    local.ensure_runtime_dir(settings)
     if await local.client_alive(settings):
         raise Rejected(Reply.ALREADY_LOGGED_ON)
     redis = connect(resolve_url(settings), socket_timeout=min(2.0, settings.reply_timeout))

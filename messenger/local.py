@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from messenger.errors import MessengerError, NoResponse, Rejected
+from messenger.errors import ConfigError, MessengerError, NoResponse, Rejected
 from messenger.protocol import Reply, encode_local
 from messenger.settings import Settings
 
@@ -22,8 +23,20 @@ _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
 
 
 def ensure_runtime_dir(settings: Settings) -> Path:
-    settings.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return settings.runtime_dir
+    """Create the runtime directory, or check that an existing one is private to this user.
+
+    It holds the embedded Redis's password and the node sockets: in a shared /tmp, a directory
+    made in advance by someone else must not be used.
+    """
+    path = settings.runtime_dir
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"runtime directory {path} must belong to you and be private (chmod 700), "
+            "or choose another with --runtime-dir"
+        )
+    return path
 
 
 def socket_path(settings: Settings) -> Path:

@@ -14,7 +14,7 @@ import pytest
 from messenger import local
 from messenger.client import Client, format_message, list_users
 from messenger.coordinator import Coordinator, LeaseLost
-from messenger.errors import InvalidInput, NoConnection, NoResponse, Rejected
+from messenger.errors import ConfigError, InvalidInput, NoConnection, NoResponse, Rejected
 from messenger.keys import Keys
 from messenger.protocol import Reply
 from messenger.settings import Settings
@@ -212,3 +212,13 @@ async def test_stale_socket_file_is_not_a_client(tmp_path: Path) -> None:
     path.write_text("")  # left behind by a kill -9
     assert not await local.client_alive(s)
     assert not path.exists()
+
+
+def test_runtime_dir_must_be_private(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ConfigError, match="private"):
+        local.ensure_runtime_dir(settings(shared, "n1"))
+    shared.chmod(0o700)
+    assert local.ensure_runtime_dir(settings(shared, "n1")) == shared
