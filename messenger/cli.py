@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from messenger import __version__, local
 from messenger.client import Client, list_users
 from messenger.connection import connect, resolve_url, server_file
-from messenger.coordinator import Coordinator, LeaseLost
+from messenger.coordinator import Coordinator
 from messenger.embedded import EmbeddedRedis
 from messenger.errors import ConfigError, MessengerError, NoConnection, NoResponse, Rejected
 from messenger.protocol import OK_REPLIES, Reply, printable, validate_name, validate_text
@@ -166,8 +166,6 @@ def server(*, settings: Settings, verbose: bool) -> None:
             )
         redis = connect(url, socket_timeout=max(5.0, settings.reply_timeout))
         asyncio.run(_serve(Coordinator(redis, settings)))
-    except LeaseLost as e:
-        raise NoConnection(f"this coordinator lost its lease: {e}") from None
     finally:
         if embedded is not None:
             path.unlink(missing_ok=True)

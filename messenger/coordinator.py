@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from messenger.errors import ProtocolError
+from messenger.errors import LeaseLost, ProtocolError
 from messenger.keys import GROUP, Keys
 from messenger.protocol import Reply, Request, StoppingEvent, decode_request, encode_event
 from messenger.scripts import Scripts
@@ -35,10 +35,6 @@ Clock = Callable[[], int]
 _LIST_LOG_LIMIT = 50
 _BATCH = 100
 _REPLY_MARGIN_MS = 250
-
-
-class LeaseLost(Exception):
-    """Another coordinator holds the lease now: this one must not act any more."""
 
 
 class Coordinator:
@@ -115,8 +111,6 @@ class Coordinator:
         try:
             reply = await self.apply(request)
         except ResponseError as e:
-            if "NOTLEADER" in str(e):
-                raise LeaseLost(str(e)) from None
             log.error("request %s (%s) failed in Redis: %s", entry_id, request.kind, e)
             return None
         if reply == Reply.EXPIRED:
@@ -147,12 +141,7 @@ class Coordinator:
 
     async def sweep(self) -> list[tuple[str, str, str]]:
         """Log off every session whose heartbeat deadline has passed (the seed's EXIT)."""
-        try:
-            removed = await self.scripts.sweep(self.id, now=self._now())
-        except ResponseError as e:
-            if "NOTLEADER" in str(e):
-                raise LeaseLost(str(e)) from None
-            raise
+        removed = await self.scripts.sweep(self.id, now=self._now())
         for _sid, name, node in removed:
             log.info("%s@%s missed its heartbeat deadline: logged off", name, node)
         if removed:

@@ -51,6 +51,12 @@ class NoConnection(MessengerError):
         self.detail = detail
 
 
+class LeaseLost(MessengerError):
+    """Another coordinator holds the lease now: this one must not act any more."""
+
+    exit_code = 3
+
+
 class NoResponse(MessengerError):
     """No reply within the reply timeout: the seed's `No response from server`."""
 

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
 
+from messenger.errors import LeaseLost
 from messenger.keys import Keys
 
 _PRELUDE = """
@@ -181,6 +184,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+async def _run(script: AsyncScript, keys: list[str], args: list[str]) -> Any:
+    try:
+        return await script(keys=keys, args=args)
+    except ResponseError as e:
+        if str(e).startswith("NOTLEADER"):
+            raise LeaseLost("this coordinator no longer holds the lease") from None
+        raise
+
+
 class Scripts:
     """The scripts registered on one redis client; each method is one round trip."""
 
@@ -231,7 +243,7 @@ class Scripts:
         k = self.keys
         keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(sid)]
         args += [sid, name, node, str(ttl_ms), k.inbox_prefix, k.hb_prefix]
-        return _text(await self._logon(keys=keys, args=args))
+        return _text(await _run(self._logon, keys=keys, args=args))
 
     async def message(
         self,
@@ -247,7 +259,7 @@ class Scripts:
         keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
         keys += [self.keys.sessions, self.keys.names]
         args += [sid, to, text, self.keys.inbox_prefix]
-        return _text(await self._message(keys=keys, args=args))
+        return _text(await _run(self._message, keys=keys, args=args))
 
     async def logoff(
         self,
@@ -262,7 +274,7 @@ class Scripts:
         k = self.keys
         keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(sid)]
         args += [sid]
-        return _text(await self._logoff(keys=keys, args=args))
+        return _text(await _run(self._logoff, keys=keys, args=args))
 
     async def sweep(
         self, coordinator: str, limit: int = 1000, now: int | None = None
@@ -270,7 +282,8 @@ class Scripts:
         k = self.keys
         flat = cast(
             Sequence[Any],
-            await self._sweep(
+            await _run(
+                self._sweep,
                 keys=[k.lease, k.sessions, k.names, k.nodes, k.deadlines],
                 args=[coordinator, self._now(now), str(limit), k.hb_prefix],
             ),

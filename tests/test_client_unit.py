@@ -13,8 +13,15 @@ import pytest
 
 from messenger import local
 from messenger.client import Client, format_message, list_users
-from messenger.coordinator import Coordinator, LeaseLost
-from messenger.errors import ConfigError, InvalidInput, NoConnection, NoResponse, Rejected
+from messenger.coordinator import Coordinator
+from messenger.errors import (
+    ConfigError,
+    InvalidInput,
+    LeaseLost,
+    NoConnection,
+    NoResponse,
+    Rejected,
+)
 from messenger.keys import Keys
 from messenger.protocol import Reply
 from messenger.settings import Settings

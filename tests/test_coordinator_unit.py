@@ -12,7 +12,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from messenger.coordinator import Coordinator, LeaseLost
+from messenger.coordinator import Coordinator
+from messenger.errors import LeaseLost
 from messenger.keys import Keys
 from messenger.protocol import Reply, Request
 from messenger.scripts import Scripts
