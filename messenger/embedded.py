@@ -53,6 +53,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The kernel signals the child when the *thread* that forked it exits, not the process: start()
+# belongs on a thread that lives as long as the Redis should (the main thread, in practice).
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
