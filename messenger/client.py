@@ -118,8 +118,9 @@ class Client:
     async def logon(self) -> None:
         """Log the user on; raises Rejected, NoConnection or NoResponse if that fails."""
         try:
-            self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub = self.redis.pubsub()
             await self._pubsub.subscribe(self.keys.inbox(self.sid), self.keys.control)
+            await self._confirm_subscriptions(2)
             if not await self.redis.exists(self.keys.lease):
                 raise NoConnection("no coordinator is running")
         except RedisError as e:
@@ -128,6 +129,22 @@ class Client:
         reply = await self.request(self._new("logon", name=self.name, node=self.node))
         if reply != Reply.LOGGED_ON:
             raise Rejected(reply)
+
+    async def _confirm_subscriptions(self, count: int) -> None:
+        """Wait until Redis has the subscriptions, before any request can be answered.
+
+        The reply to `logon` must not be published before we listen, and a live session must
+        always have a subscriber: the logon script takes a session without one for dead.
+        """
+        assert self._pubsub is not None
+        deadline = asyncio.get_running_loop().time() + self.settings.reply_timeout
+        while count > 0:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise NoResponse()
+            msg: Any = await self._pubsub.get_message(timeout=left)
+            if msg is not None and msg["type"] == "subscribe":
+                count -= 1
 
     async def start_serving(self) -> None:
         """After logon: start the heartbeat and take this node's commands.
