@@ -225,7 +225,7 @@ class Coordinator:
             log.warning("could not tell clients that the server stops: %s", e)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """serve() until stopped; a lost Redis is logged and retried, never fatal."""
+        """serve() until stopped; a lost Redis or lease is logged and retried, never fatal."""
         while not stop.is_set():
             try:
                 await self.serve(stop)
@@ -233,7 +233,9 @@ class Coordinator:
                 log.error("lost Redis (%s); retrying", e)
                 await _wait(stop, 1.0)
             except LeaseLost:
-                raise
+                # Paused past its lease (or cut off): another may be active now. The scripts are
+                # fenced, so nothing was done without the lease; go back to waiting as a standby.
+                log.warning("lost the lease; standing by")
             except Exception:
                 # A bug must not take the messenger down with it: log it, start serving again.
                 log.exception("unexpected error; serving again in 1 s")

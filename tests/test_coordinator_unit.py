@@ -418,3 +418,36 @@ async def test_a_new_coordinator_resumes_from_redis(
     # and the first can no longer act
     with pytest.raises(LeaseLost):
         await first.sweep()
+
+
+async def test_a_coordinator_that_lost_its_lease_stands_by_and_returns(
+    redis: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "messenger.coordinator")
+    fast = Settings(
+        redis_url="redis://fake", node="t", prefix="u", lease_ttl=0.2, sweep_interval=0.02
+    )
+    c = Coordinator(redis, fast)
+    stop = asyncio.Event()
+    task = asyncio.create_task(c.run(stop))
+    k = Keys("u")
+
+    async def holder() -> str | None:
+        value: str | None = await redis.get(k.lease)
+        return value
+
+    async def until(predicate: Any) -> None:
+        while not await predicate():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(until(lambda: _eq(holder(), c.id)), 2)
+    await redis.set(k.lease, "usurper", px=300)  # another took over while this one was paused
+    await asyncio.wait_for(until(lambda: _eq(holder(), c.id)), 3)  # and came back after it
+    assert "lost the lease; standing by" in caplog.text
+    assert not task.done()
+    stop.set()
+    await asyncio.wait_for(task, 2)
+
+
+async def _eq(value: Any, expected: str) -> bool:
+    return bool(await value == expected)
