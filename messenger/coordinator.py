@@ -129,15 +129,9 @@ class Coordinator:
         wait = r.wait_ms or s.reply_timeout_ms  # the sender's own wait is what counts
         # Apply only while the reply can still reach a sender that is waiting for it.
         timeout = wait - min(_REPLY_MARGIN_MS, wait // 5)
-        if r.kind == "logon":
-            return await self.scripts.logon(
-                self.id, r.req, r.sid, r.sent_ms, timeout, r.name, r.node, s.heartbeat_ttl_ms, now
-            )
-        if r.kind == "message-to":
-            return await self.scripts.message(
-                self.id, r.req, r.sid, r.sent_ms, timeout, r.to, r.text, now
-            )
-        return await self.scripts.logoff(self.id, r.req, r.sid, r.sent_ms, timeout, now)
+        return await self.scripts.request(
+            self.id, r, timeout_ms=timeout, ttl_ms=s.heartbeat_ttl_ms, now=now
+        )
 
     async def sweep(self) -> list[tuple[str, str, str]]:
         """Log off every session whose heartbeat deadline has passed (the seed's EXIT)."""

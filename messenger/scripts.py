@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from messenger.errors import LeaseLost
 from messenger.keys import Keys
+from messenger.protocol import Request
 
 _PRELUDE = """
 local function now_ms(arg)
@@ -210,71 +211,43 @@ class Scripts:
     def _now(now: int | None) -> str:
         return "" if now is None else str(now)
 
-    def _head(
-        self, coordinator: str, req: str, sid: str, sent_ms: int, timeout_ms: int, now: int | None
-    ) -> tuple[list[str], list[str]]:
-        k = self.keys
-        return (
-            [k.lease, k.done(req)],
-            [
-                coordinator,
-                req,
-                str(sent_ms),
-                str(timeout_ms),
-                str(2 * timeout_ms + 1000),
-                self._now(now),
-                k.inbox(sid),
-            ],
-        )
-
-    async def logon(
+    async def request(
         self,
         coordinator: str,
-        req: str,
-        sid: str,
-        sent_ms: int,
+        r: Request,
+        *,
         timeout_ms: int,
-        name: str,
-        node: str,
         ttl_ms: int,
         now: int | None = None,
     ) -> str:
-        keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
-        k = self.keys
-        keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(sid)]
-        args += [sid, name, node, str(ttl_ms), k.inbox_prefix, k.hb_prefix]
-        return _text(await _run(self._logon, keys=keys, args=args))
+        """Apply one request (logon, message-to or logoff); return the reply word or `expired`.
 
-    async def message(
-        self,
-        coordinator: str,
-        req: str,
-        sid: str,
-        sent_ms: int,
-        timeout_ms: int,
-        to: str,
-        text: str,
-        now: int | None = None,
-    ) -> str:
-        keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
-        keys += [self.keys.sessions, self.keys.names]
-        args += [sid, to, text, self.keys.inbox_prefix]
-        return _text(await _run(self._message, keys=keys, args=args))
-
-    async def logoff(
-        self,
-        coordinator: str,
-        req: str,
-        sid: str,
-        sent_ms: int,
-        timeout_ms: int,
-        now: int | None = None,
-    ) -> str:
-        keys, args = self._head(coordinator, req, sid, sent_ms, timeout_ms, now)
+        `timeout_ms` is how old (since XADD) the request may be and still be applied.
+        """
         k = self.keys
-        keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(sid)]
-        args += [sid]
-        return _text(await _run(self._logoff, keys=keys, args=args))
+        keys = [k.lease, k.done(r.req)]
+        args = [
+            coordinator,
+            r.req,
+            str(r.sent_ms),
+            str(timeout_ms),
+            str(2 * timeout_ms + 1000),
+            self._now(now),
+            k.inbox(r.sid),
+        ]
+        if r.kind == "logon":
+            script = self._logon
+            keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(r.sid)]
+            args += [r.sid, r.name, r.node, str(ttl_ms), k.inbox_prefix, k.hb_prefix]
+        elif r.kind == "message-to":
+            script = self._message
+            keys += [k.sessions, k.names]
+            args += [r.sid, r.to, r.text, k.inbox_prefix]
+        else:
+            script = self._logoff
+            keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(r.sid)]
+            args += [r.sid]
+        return _text(await _run(script, keys, args))
 
     async def sweep(
         self, coordinator: str, limit: int = 1000, now: int | None = None
