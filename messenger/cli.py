@@ -271,6 +271,9 @@ def logoff(*, settings: Settings, verbose: bool) -> None:
 
 
 def _local_call(settings: Settings, request: dict[str, str]) -> None:
+    # The client's request waits no longer than this command does (so a request that this
+    # command gave up on is never applied), and its answer gets half a second to come back.
+    request["wait_ms"] = str(settings.reply_timeout_ms)
     answer = _run(local.call(settings, request, settings.reply_timeout + 0.5))
     reply = str(answer.get("reply", ""))
     echo(printable(reply))

@@ -184,8 +184,17 @@ class Client:
     # --- requests ---------------------------------------------------------------------------
 
     def _new(
-        self, kind: Kind, *, name: str = "", node: str = "", to: str = "", text: str = ""
+        self,
+        kind: Kind,
+        *,
+        name: str = "",
+        node: str = "",
+        to: str = "",
+        text: str = "",
+        wait_ms: int = 0,
     ) -> Request:
+        """A request that waits the reply timeout, or less if whoever asked waits less."""
+        own = self.settings.reply_timeout_ms
         return Request(
             kind,
             secrets.token_hex(16),
@@ -194,7 +203,7 @@ class Client:
             node=node,
             to=to,
             text=text,
-            wait_ms=self.settings.reply_timeout_ms,
+            wait_ms=min(own, wait_ms) if wait_ms > 0 else own,
         )
 
     async def request(self, request: Request) -> Reply:
@@ -218,7 +227,7 @@ class Client:
             except RedisError as e:
                 raise NoConnection(str(e)) from None
             try:
-                reply = await asyncio.wait_for(fut, self.settings.reply_timeout)
+                reply = await asyncio.wait_for(fut, request.wait_ms / 1000)
             except TimeoutError:
                 raise NoResponse() from None
         except (NoConnection, NoResponse) as e:
@@ -230,16 +239,16 @@ class Client:
             self.stop(Rejected(reply))
         return reply
 
-    async def send(self, to: str, text: str) -> Reply:
+    async def send(self, to: str, text: str, *, wait_ms: int = 0) -> Reply:
         """`message TO TEXT`: sent, receiver-not-found, or you-are-not-logged-on."""
         validate_name(to)
         validate_text(text, self.settings.max_message_bytes)
-        return await self.request(self._new("message-to", to=to, text=text))
+        return await self.request(self._new("message-to", to=to, text=text, wait_ms=wait_ms))
 
-    async def logoff(self) -> Reply:
+    async def logoff(self, *, wait_ms: int = 0) -> Reply:
         """Log off; the client stops cleanly whatever the server answers."""
         try:
-            reply = await self.request(self._new("logoff"))
+            reply = await self.request(self._new("logoff", wait_ms=wait_ms))
         except Rejected as e:
             reply = Reply(e.message)
         self.stop(None)
@@ -323,9 +332,9 @@ class Client:
             if req.op == "ping":
                 return {"reply": "pong", "name": self.name}
             if req.op == "logoff":
-                reply = await self.logoff()
+                reply = await self.logoff(wait_ms=req.wait_ms)
             else:
-                reply = await self.send(req.to, req.text)
+                reply = await self.send(req.to, req.text, wait_ms=req.wait_ms)
             return {"reply": reply.value}
         except MessengerError as e:
             return {"reply": e.message, "exit": str(e.exit_code)}

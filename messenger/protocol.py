@@ -222,6 +222,8 @@ class LocalRequest:
     op: Literal["message", "logoff", "ping"]
     to: str = ""
     text: str = ""
+    # How long the command waits for the answer; the client's request must not outlive it.
+    wait_ms: int = 0
 
 
 def encode_local(obj: dict[str, str]) -> bytes:
@@ -232,10 +234,13 @@ def decode_local_request(line: bytes) -> LocalRequest:
     try:
         obj: Any = json.loads(line)
         op = obj["op"]
+        wait = str(obj.get("wait_ms", "0"))
+        if not _WAIT_RE.fullmatch(wait):
+            raise ProtocolError(f"bad wait_ms {wait[:20]!r}")
         if op == "message":
-            return LocalRequest("message", str(obj["to"]), str(obj["text"]))
+            return LocalRequest("message", str(obj["to"]), str(obj["text"]), int(wait))
         if op in ("logoff", "ping"):
-            return LocalRequest(op)
+            return LocalRequest(op, wait_ms=int(wait))
     except (ValueError, TypeError, KeyError) as e:
         raise ProtocolError(f"bad local request: {e}") from None
     raise ProtocolError(f"unknown local op {op!r}")

@@ -135,6 +135,9 @@ def test_garbage_events_raise_protocol_error(data: str | bytes) -> None:
 def test_local_requests() -> None:
     assert decode_local_request(b'{"op":"message","to":"bob","text":"hi"}\n').to == "bob"
     assert decode_local_request(b'{"op":"logoff"}').op == "logoff"
+    assert decode_local_request(b'{"op":"logoff","wait_ms":"1500"}').wait_ms == 1500
+    with pytest.raises(ProtocolError):
+        decode_local_request(b'{"op":"logoff","wait_ms":"-5"}')
     for bad in (b"", b"{}", b'{"op":"rm -rf"}', b"\xff"):
         with pytest.raises(ProtocolError):
             decode_local_request(bad)

@@ -283,3 +283,24 @@ def test_crashed_node_logs_on_again_at_once_but_a_hung_one_does_not(
         code, out, _ = procs.run("logon", "carol", "--node", "n2", "--runtime-dir", other_machine)
     assert (code, out) == (1, ["already-logged-on"])
     assert sorted(names(db, keys)) == ["alice", "bob"]
+
+
+def test_a_command_that_gave_up_is_never_applied(procs: Procs) -> None:
+    # The client itself would wait 5 s; the command only 1 s. What the command was told holds.
+    server = procs.server(MESSENGER_LEASE_TTL="30")
+    procs.logon("alice", "n1")
+    bob = procs.logon("bob", "n2")
+    procs.logon("carol", "n3")
+    server.signal(signal.SIGSTOP)
+    try:
+        code, out, _ = procs.run(
+            "message", "bob", "too-late", "--node", "n1", MESSENGER_REPLY_TIMEOUT="1"
+        )
+    finally:
+        server.signal(signal.SIGCONT)
+    assert (code, out) == (4, ["No response from server"])
+    code, out, _ = procs.run("message", "bob", "in-time", "--node", "n3")
+    assert (code, out) == (0, ["sent"])
+    bob.wait_line("^Message from carol: in-time$")
+    # requests are served in order: the first was decided before the second
+    assert not [line for line in bob.out if "too-late" in line]
