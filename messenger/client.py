@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -126,7 +127,8 @@ class Client:
         except RedisError as e:
             raise NoConnection(str(e)) from None
         self._tasks.append(asyncio.create_task(self._read_events()))
-        reply = await self.request(self._new("logon", name=self.name, node=self.node))
+        logon = self._new("logon", name=self.name, node=self.node)
+        reply = await self.request(replace(logon, ttl_ms=self.settings.heartbeat_ttl_ms))
         if reply != Reply.LOGGED_ON:
             raise Rejected(reply)
 

@@ -130,7 +130,7 @@ class Coordinator:
         # Apply only while the reply can still reach a sender that is waiting for it.
         timeout = wait - min(_REPLY_MARGIN_MS, wait // 5)
         return await self.scripts.request(
-            self.id, r, timeout_ms=timeout, ttl_ms=s.heartbeat_ttl_ms, now=now
+            self.id, r, timeout_ms=timeout, ttl_ms=r.ttl_ms or s.heartbeat_ttl_ms, now=now
         )
 
     async def sweep(self) -> list[tuple[str, str, str]]:

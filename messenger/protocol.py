@@ -43,7 +43,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}")
 # Kept well under anything that could hurt: ids appear in key and channel names.
 _ID_RE = re.compile(r"[0-9a-f]{32}")
-_WAIT_RE = re.compile(r"[0-9]{1,7}")  # milliseconds, under 3 hours
+_WAIT_RE = re.compile(r"[0-9]{1,7}")  # milliseconds, under 3 hours: waits and TTLs
 
 
 def validate_name(name: str) -> str:
@@ -107,6 +107,8 @@ class Request:
     # How long the sender waits for the reply; 0: not said (the coordinator's own timeout).
     # The coordinator never applies a request its sender has stopped waiting for.
     wait_ms: int = 0
+    # logon: the client's heartbeat TTL, so its first deadline matches the ones it will set.
+    ttl_ms: int = 0
 
     def fields(self) -> dict[str, str]:
         """Stream fields for XADD (the entry id, hence `sent_ms`, is Redis's to choose)."""
@@ -115,6 +117,8 @@ class Request:
             out["wait"] = str(self.wait_ms)
         if self.kind == "logon":
             out |= {"name": self.name, "node": self.node}
+            if self.ttl_ms:
+                out["ttl"] = str(self.ttl_ms)
         elif self.kind == "message-to":
             out |= {"to": self.to, "text": self.text}
         return out
@@ -137,9 +141,9 @@ def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -
     req, sid = fields.get("req", ""), fields.get("sid", "")
     if not _ID_RE.fullmatch(req) or not _ID_RE.fullmatch(sid):
         raise ProtocolError("request without a valid req/sid id")
-    wait = fields.get("wait", "0")
-    if not _WAIT_RE.fullmatch(wait):
-        raise ProtocolError(f"bad wait {wait[:20]!r}")
+    wait, ttl = fields.get("wait", "0"), fields.get("ttl", "0")
+    if not _WAIT_RE.fullmatch(wait) or not _WAIT_RE.fullmatch(ttl):
+        raise ProtocolError(f"bad wait or ttl {wait[:20]!r} {ttl[:20]!r}")
     common: dict[str, Any] = {"sent_ms": entry_ms(entry_id), "wait_ms": int(wait)}
     try:
         if kind == "logon":
@@ -149,6 +153,7 @@ def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -
                 sid,
                 name=validate_name(fields.get("name", "")),
                 node=validate_node(fields.get("node", "")),
+                ttl_ms=int(ttl),
                 **common,
             )
         if kind == "message-to":

@@ -451,3 +451,16 @@ async def test_a_coordinator_that_lost_its_lease_stands_by_and_returns(
 
 async def _eq(value: Any, expected: str) -> bool:
     return bool(await value == expected)
+
+
+async def test_the_first_deadline_uses_the_clients_own_ttl(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    session = sid()
+    req = Request("logon", sid(), session, name="alice", node="n1", ttl_ms=10_000)
+    assert await handle(coord, clock, req) == Reply.LOGGED_ON
+    assert await redis.zscore(Keys("u").deadlines, session) == T0 + 10_000
+    _, reply = await logon(coord, clock, "bob", "n2")  # no ttl said: the coordinator's own
+    assert reply == Reply.LOGGED_ON
+    bob = await redis.hget(Keys("u").names, "bob")
+    assert await redis.zscore(Keys("u").deadlines, bob) == T0 + 3_000
