@@ -151,10 +151,10 @@ def server(*, settings: Settings, verbose: bool) -> None:
     url = settings.redis_url
     try:
         if url is None:
+            local.ensure_runtime_dir(settings)
             _refuse_second_embedded(settings)
             embedded = EmbeddedRedis().start()
             url = embedded.url
-            local.ensure_runtime_dir(settings)
             _write_private(
                 path, json.dumps({"url": url, "pid": os.getpid(), "redis_pid": embedded.pid})
             )
@@ -174,28 +174,31 @@ def server(*, settings: Settings, verbose: bool) -> None:
 
 
 def _refuse_second_embedded(settings: Settings) -> None:
-    with contextlib.suppress(MessengerError):
+    """One embedded Redis per runtime directory: a second would orphan the first's clients."""
+    try:
         url = resolve_url(settings)
+    except MessengerError:
+        return  # no server file (or an unreadable one, which start-up will replace)
 
-        async def ping() -> bool:
-            redis = connect(url, socket_timeout=1.0)
-            try:
-                return bool(await redis.ping())
-            except RedisError:
-                return False
-            finally:
-                await redis.aclose()
+    async def alive() -> bool:
+        redis = connect(url, socket_timeout=1.0)
+        try:
+            return bool(await redis.ping())
+        except RedisError:
+            return False  # a file left by a server that died
+        finally:
+            await redis.aclose()
 
-        if asyncio.run(ping()):
-            raise ConfigError(
-                f"a messenger server with an embedded Redis already runs on this "
-                f"host (see {server_file(settings)}); stop it, or pass its "
-                f"--redis-url to use the same Redis"
-            )
+    if asyncio.run(alive()):
+        raise ConfigError(
+            f"a messenger server with an embedded Redis already runs on this host (see "
+            f"{server_file(settings)}); stop it, or pass its --redis-url to use the same Redis"
+        )
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.unlink(missing_ok=True)  # O_CREAT's mode only applies to a new file
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
 

@@ -154,6 +154,7 @@ class Client:
         Then await `finished` for the reason the client stopped (None: logged off).
         """
         self._server = await asyncio.start_unix_server(self._serve_local, self._bind_socket_path())
+        self._last_pong = time.monotonic()  # a slow logon must not count as a silent socket
         self._tasks.append(asyncio.create_task(self._heartbeat()))
 
     async def serve(self) -> MessengerError | None:

@@ -6,6 +6,7 @@ import json
 import signal
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -304,3 +305,23 @@ def test_a_command_that_gave_up_is_never_applied(procs: Procs) -> None:
     bob.wait_line("^Message from carol: in-time$")
     # requests are served in order: the first was decided before the second
     assert not [line for line in bob.out if "too-late" in line]
+
+
+def test_one_embedded_server_per_host_and_a_stale_file_is_replaced(
+    base_env: dict[str, str],
+) -> None:
+    local_only = Procs(dict(base_env))  # no Redis URL anywhere: the embedded one is used
+    try:
+        first = local_only.server()
+        code, _, err = local_only.run("server")
+        assert code == 2
+        assert "already runs on this host" in err
+        server_json = Path(base_env["MESSENGER_RUNTIME_DIR"]) / "server.json"
+        redis_pid = json.loads(server_json.read_text())["redis_pid"]
+        first.kill()  # leaves server.json behind; its Redis dies with it
+        wait_until(lambda: not Path(f"/proc/{redis_pid}").exists(), 10, "embedded Redis gone")
+        assert server_json.exists()
+        local_only.server()  # so a new one may start
+        local_only.logon("alice", "n1")
+    finally:
+        local_only.cleanup()
