@@ -178,9 +178,10 @@ class Coordinator:
             result: Any = await self.redis.xautoclaim(
                 self.keys.requests, GROUP, self.id, 0, start_id=start, count=_BATCH
             )
+            # Entries deleted while pending come back empty (Redis 6.2); skip them.
             start, claimed = result[0], [e for e in result[1] if e and e[1] is not None]
             await self._process(claimed)
-            if start == "0-0" or not claimed:
+            if start == "0-0":  # the cursor has gone round the whole pending list
                 return
 
     # --- the loop ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from messenger.coordinator import Coordinator
 from messenger.errors import LeaseLost
-from messenger.keys import Keys
+from messenger.keys import GROUP, Keys
 from messenger.protocol import Reply, Request
 from messenger.scripts import Scripts
 from messenger.settings import Settings
@@ -464,3 +464,34 @@ async def test_the_first_deadline_uses_the_clients_own_ttl(
     assert reply == Reply.LOGGED_ON
     bob = await redis.hget(Keys("u").names, "bob")
     assert await redis.zscore(Keys("u").deadlines, bob) == T0 + 3_000
+
+
+async def test_requests_a_dead_coordinator_left_pending_are_served_once(
+    redis: Any, settings: Settings, clock: FakeClock
+) -> None:
+    k = Keys("u")
+    first = Coordinator(redis, settings, clock=clock)
+    assert await first.try_acquire_lease()
+    await first.ensure_group()
+    a, _ = await logon(first, clock, "alice", "n1")
+    b, _ = await logon(first, clock, "bob", "n2")
+    inbox = redis.pubsub()
+    await inbox.subscribe(k.inbox(b))
+    # Two requests reach the first coordinator; it applies one, then dies before acknowledging.
+    applied = Request("message-to", sid(), a, to="bob", text="applied")
+    unread = Request("message-to", sid(), a, to="bob", text="unread")
+    for r in (applied, unread):
+        await redis.xadd(k.requests, r.fields(), id=f"{clock.now}-*")
+    read: Any = await redis.xreadgroup(GROUP, first.id, {k.requests: ">"}, count=10)
+    entry_id, fields = read[0][1][0]
+    assert await first.handle(entry_id, fields) == Reply.SENT
+    await redis.delete(k.lease)  # its lease runs out
+
+    second = Coordinator(redis, settings, clock=clock)
+    assert await second.try_acquire_lease()
+    await second.take_over_pending()
+    got = [json.loads(m)["text"] async for m in _drain(inbox)]
+    assert got == ["applied", "unread"]  # each exactly once
+    assert await redis.xlen(k.requests) == 0
+    assert (await redis.xpending(k.requests, GROUP))["pending"] == 0
+    await inbox.aclose()
