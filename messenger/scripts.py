@@ -36,7 +36,12 @@ end
 local function remove_session(sessions, names, nodes, deadlines, hb_key, sid)
   local raw = redis.call('HGET', sessions, sid)
   if not raw then return nil end
-  local s = cjson.decode(raw)
+  -- A corrupt entry (written by something else) must not make every sweep fail: remove what
+  -- can be found; a names/nodes entry left pointing at nothing is overwritten by the next logon.
+  local ok, s = pcall(cjson.decode, raw)
+  if not ok or type(s) ~= 'table' or type(s.name) ~= 'string' or type(s.node) ~= 'string' then
+    s = {name = '?', node = '?'}
+  end
   if redis.call('HGET', names, s.name) == sid then redis.call('HDEL', names, s.name) end
   if redis.call('HGET', nodes, s.node) == sid then redis.call('HDEL', nodes, s.node) end
   redis.call('HDEL', sessions, sid)
@@ -82,8 +87,9 @@ local sid, name, node, ttl = ARGV[8], ARGV[9], ARGV[10], tonumber(ARGV[11])
 -- drops a closed connection's subscriptions at once, and clients never resubscribe. Clearing it
 -- here (not only at its deadline) lets a node or name whose client crashed log on again at once,
 -- while a hung client (its connection still open) keeps its session until the sweep.
+-- An index entry whose session is gone is stale: the new session's entries overwrite it.
 local function taken(owner)
-  if not owner then return false end
+  if not owner or redis.call('HEXISTS', KEYS[3], owner) == 0 then return false end
   if redis.call('PUBSUB', 'NUMSUB', ARGV[12] .. owner)[2] > 0 then return true end
   remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[13] .. owner, owner)
   return false
@@ -109,10 +115,11 @@ if not raw then
   reply = 'you-are-not-logged-on'
 else
   local to_sid = redis.call('HGET', KEYS[4], ARGV[9])
-  if not to_sid then
+  if not to_sid or redis.call('HEXISTS', KEYS[3], to_sid) == 0 then
     reply = 'receiver-not-found'
   else
-    local from = cjson.decode(raw).name
+    local ok, s = pcall(cjson.decode, raw)
+    local from = ok and type(s) == 'table' and s.name or '?'
     local n = redis.call('PUBLISH', ARGV[11] .. to_sid,
                          cjson.encode({t='msg', from=from, text=ARGV[10]}))
     -- PUBLISH counts the subscribers that got it: 0 means the receiver's client is gone,

@@ -495,3 +495,30 @@ async def test_requests_a_dead_coordinator_left_pending_are_served_once(
     assert await redis.xlen(k.requests) == 0
     assert (await redis.xpending(k.requests, GROUP))["pending"] == 0
     await inbox.aclose()
+
+
+@pytest.mark.parametrize("garbage", ["not json", "[]", '{"name": 5}', "{}"])
+async def test_a_corrupt_session_entry_does_not_stop_the_sweep(
+    coord: Coordinator, clock: FakeClock, redis: Any, settings: Settings, garbage: str
+) -> None:
+    k = Keys("u")
+    bad, _ = await logon(coord, clock, "mallory", "n9")
+    await redis.hset(k.sessions, bad, garbage)
+    await logon(coord, clock, "alice", "n1")
+    clock.advance(settings.heartbeat_ttl + 0.001)
+    removed = await coord.sweep()
+    assert sorted(n for _, n, _ in removed) == ["?", "alice"]
+    assert await redis.hlen(k.sessions) == 0
+    assert await redis.zcard(k.deadlines) == 0
+    assert (await logon(coord, clock, "mallory", "n9"))[1] == Reply.LOGGED_ON
+
+
+async def test_a_name_pointing_at_a_removed_session_is_not_a_receiver(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    k = Keys("u")
+    a, _ = await logon(coord, clock, "alice", "n1")
+    b, _ = await logon(coord, clock, "bob", "n2")  # bob's client listens...
+    await redis.hdel(k.sessions, b)  # ...but his session is gone; the index is stale
+    req = Request("message-to", sid(), a, to="bob", text="x")
+    assert await handle(coord, clock, req) == Reply.RECEIVER_NOT_FOUND
