@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             click.echo(f"Error: {e.message}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # the machine said no: a path, a permission, a socket
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

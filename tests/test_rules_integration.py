@@ -231,6 +231,8 @@ def test_restart_keeps_users_whose_clients_live(procs: Procs, db: Any, keys: Key
         (("who", "--redis-url", "nonsense://x"), 2, "Redis URL"),
         (("who", "--redis-url", "redis://127.0.0.1:1/0"), 3, "noconnection"),
         (("nosuchcommand",), 2, "No such command"),
+        (("logon", "alice", "--runtime-dir", "/proc/version/x"), 1, "Error:"),
+        (("logon", "alice", "--runtime-dir", "/"), 2, "private"),
     ],
 )
 def test_bad_input_gets_a_clear_error(
