@@ -74,11 +74,16 @@ def validate_text(text: str, max_bytes: int) -> str:
     return text
 
 
+# Bidirectional overrides and isolates can make text read differently from what it is
+# ("Trojan Source"); other format characters (e.g. the joiner inside emoji) are harmless.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def printable(text: str) -> str:
-    """Escape control and format characters so a name or message can never drive the terminal."""
+    """Escape control characters (and bidi overrides) so text can never drive the terminal."""
     out = []
     for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
+        if ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
             code = ord(ch)
             out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
         else:

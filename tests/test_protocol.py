@@ -63,6 +63,9 @@ def test_text_rules() -> None:
 def test_printable_escapes_terminal_control() -> None:
     assert printable("hi\x1b[2J\r\x07there\u202e") == "hi\\x1b[2J\\x0d\\x07there\\u202e"
     assert printable("plain ünïcode") == "plain ünïcode"
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # joined by zero-width joiners
+    assert printable(family) == family
+    assert printable("a\u2028b\ud800") == "a\\u2028b\\ud800"
 
 
 def test_request_round_trip() -> None:
