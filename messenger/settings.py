@@ -10,6 +10,8 @@ from pathlib import Path
 from messenger.errors import ConfigError
 
 ENV_PREFIX = "MESSENGER_"
+# Times travel as milliseconds of at most 7 digits (see protocol); an hour is plenty.
+_MAX_SECONDS = 3600.0
 
 
 def default_runtime_dir() -> Path:
@@ -48,8 +50,9 @@ class Settings:
             "lease_ttl",
             "sweep_interval",
         ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+            value = getattr(self, name)
+            if not 0 < value <= _MAX_SECONDS:
+                raise ConfigError(f"{name} must be positive and at most {_MAX_SECONDS} s")
         if self.heartbeat_ttl <= self.heartbeat_interval:
             raise ConfigError("heartbeat_ttl must be longer than heartbeat_interval")
         if self.max_message_bytes <= 0:

@@ -228,6 +228,7 @@ def test_restart_keeps_users_whose_clients_live(procs: Procs, db: Any, keys: Key
         (("message", "b*b", "hi"), 2, "invalid user name"),
         (("logon", "alice", "--heartbeat-ttl", "0"), 2, "must be positive"),
         (("logon", "alice", "--heartbeat-ttl", "x"), 2, "not a valid float"),
+        (("message", "bob", "hi", "--reply-timeout", "1e9"), 2, "at most 3600"),
         (("who", "--redis-url", "nonsense://x"), 2, "Redis URL"),
         (("who", "--redis-url", "redis://127.0.0.1:1/0"), 3, "noconnection"),
         (("nosuchcommand",), 2, "No such command"),
