@@ -52,7 +52,8 @@ end
 """
 
 # KEYS[1] lease, KEYS[2] done key; ARGV[1] coordinator id, ARGV[2] req id, ARGV[3] sent ms,
-# ARGV[4] reply timeout ms, ARGV[5] done ttl ms, ARGV[6] now ms or '', ARGV[7] reply channel.
+# ARGV[4] max age ms (the sender's wait less a margin), ARGV[5] done ttl ms,
+# ARGV[6] now ms or '', ARGV[7] reply channel.
 _REQUEST_HEAD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
