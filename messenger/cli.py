@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +27,6 @@ from messenger.protocol import OK_REPLIES, Reply, printable, validate_name, vali
 from messenger.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 
 log = logging.getLogger("messenger")
 
@@ -225,7 +224,7 @@ def logon(name: str, *, settings: Settings, verbose: bool) -> None:
     """
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
     validate_name(name)
-    _run(_logon(name, settings))
+    asyncio.run(_logon(name, settings))
 
 
 async def _logon(name: str, settings: Settings) -> None:
@@ -277,7 +276,7 @@ def _local_call(settings: Settings, request: dict[str, str]) -> None:
     # The client's request waits no longer than this command does (so a request that this
     # command gave up on is never applied), and its answer gets half a second to come back.
     request["wait_ms"] = str(settings.reply_timeout_ms)
-    answer = _run(local.call(settings, request, settings.reply_timeout + 0.5))
+    answer = asyncio.run(local.call(settings, request, settings.reply_timeout + 0.5))
     reply = str(answer.get("reply", ""))
     echo(printable(reply))
     if "exit" in answer:
@@ -292,7 +291,7 @@ def _local_call(settings: Settings, request: dict[str, str]) -> None:
 def who(*, as_json: bool, settings: Settings, verbose: bool) -> None:
     """List the logged-on users and their nodes."""
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
-    users = _run(_who(settings))
+    users = asyncio.run(_who(settings))
     if as_json:
         echo(json.dumps([{"name": n, "node": node} for n, node in users]))
         return
@@ -310,10 +309,6 @@ async def _who(settings: Settings) -> list[tuple[str, str]]:
     finally:
         with contextlib.suppress(RedisError, OSError):
             await redis.aclose()
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def main(argv: list[str] | None = None) -> None:

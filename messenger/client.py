@@ -157,11 +157,6 @@ class Client:
         self._last_pong = time.monotonic()  # a slow logon must not count as a silent socket
         self._tasks.append(asyncio.create_task(self._heartbeat()))
 
-    async def serve(self) -> MessengerError | None:
-        """start_serving(), then wait until the client stops."""
-        await self.start_serving()
-        return await self.finished
-
     def _bind_socket_path(self) -> str:
         local.ensure_runtime_dir(self.settings)
         path = local.socket_path(self.settings)

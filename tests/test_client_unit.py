@@ -70,11 +70,12 @@ class Node:
         self.client = Client(
             redis_of(server), settings(tmp_path, node), name, out=self.lines.append
         )
-        self.serving: asyncio.Task[Any] | None = None
+        self.serving: asyncio.Future[Any] | None = None
 
     async def start(self) -> None:
         await self.client.logon()
-        self.serving = asyncio.create_task(self.client.serve())
+        await self.client.start_serving()
+        self.serving = asyncio.ensure_future(self.client.finished)
 
     async def result(self) -> Any:
         assert self.serving is not None
