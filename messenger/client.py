@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from redis.exceptions import RedisError
 
 from messenger import local
 from messenger.errors import (
+    ClientFailure,
     MessengerError,
     NoConnection,
     NoResponse,
@@ -126,7 +128,7 @@ class Client:
                 raise NoConnection("no coordinator is running")
         except RedisError as e:
             raise NoConnection(str(e)) from None
-        self._tasks.append(asyncio.create_task(self._read_events()))
+        self._spawn(self._read_events(), "event reader")
         logon = self._new("logon", name=self.name, node=self.node)
         reply = await self.request(replace(logon, ttl_ms=self.settings.heartbeat_ttl_ms))
         if reply != Reply.LOGGED_ON:
@@ -153,9 +155,28 @@ class Client:
 
         Then await `finished` for the reason the client stopped (None: logged off).
         """
-        self._server = await asyncio.start_unix_server(self._serve_local, self._bind_socket_path())
+        self._server = await asyncio.start_unix_server(
+            self._serve_local, self._bind_socket_path(), limit=local.line_limit(self.settings)
+        )
         self._last_pong = time.monotonic()  # a slow logon must not count as a silent socket
-        self._tasks.append(asyncio.create_task(self._heartbeat()))
+        self._spawn(self._heartbeat(), "heartbeat")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run a background task whose end, unless the client is stopping, stops the client:
+        a client must never stay logged on with no reader or no heartbeat."""
+        task = asyncio.create_task(coro, name=f"messenger client {what}")
+        task.add_done_callback(functools.partial(self._task_ended, what))
+        self._tasks.append(task)
+
+    def _task_ended(self, what: str, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.debug("the client's %s failed", what, exc_info=error)
+        if not self.finished.done():
+            why = f"{type(error).__name__}: {error}" if error is not None else "it returned"
+            self.stop(ClientFailure(f"this client's {what} stopped ({why}); logged off"))
 
     def _bind_socket_path(self) -> str:
         local.ensure_runtime_dir(self.settings)
@@ -261,19 +282,20 @@ class Client:
 
     async def _read_events(self) -> None:
         assert self._pubsub is not None
-        try:
-            while True:
+        while True:
+            try:
                 msg: Any = await self._pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=1.0
                 )
-                if msg is None:
-                    continue
-                if msg["type"] == "pong":
-                    self._last_pong = time.monotonic()
-                elif msg["type"] == "message":
-                    self._dispatch(msg["data"])
-        except (RedisError, OSError) as e:
-            self.stop(NoConnection(f"lost the pub/sub connection: {e}"))
+            except (RedisError, OSError) as e:
+                self.stop(NoConnection(f"lost the pub/sub connection: {e}"))
+                return
+            if msg is None:
+                continue
+            if msg["type"] == "pong":
+                self._last_pong = time.monotonic()
+            elif msg["type"] == "message":
+                self._dispatch(msg["data"])
 
     def _dispatch(self, data: str) -> None:
         try:
@@ -315,12 +337,16 @@ class Client:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), self.settings.reply_timeout)
-            answer = await self._answer_local(line)
+            try:
+                line = await asyncio.wait_for(reader.readline(), self.settings.reply_timeout)
+            except ValueError:  # a line past the limit: no text the rules allow is that long
+                answer = {"reply": "request too large for this node's client", "exit": "2"}
+            else:
+                answer = await self._answer_local(line)
             writer.write(encode_local(answer))
             await writer.drain()
         except (TimeoutError, ConnectionError):
-            pass
+            pass  # the command gave up or went away; it has its own deadline and message
         finally:
             writer.close()
 
@@ -336,6 +362,10 @@ class Client:
             return {"reply": reply.value}
         except MessengerError as e:
             return {"reply": e.message, "exit": str(e.exit_code)}
+        except Exception as e:  # a bug: the command gets an answer, and this client goes on
+            log.error("a command from this node failed: %s: %s", type(e).__name__, e)
+            log.debug("the failure", exc_info=True)
+            return {"reply": f"this node's client failed: {type(e).__name__}", "exit": "1"}
 
 
 async def list_users(redis: Redis, prefix: str) -> list[tuple[str, str]]:

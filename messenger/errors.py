@@ -1,7 +1,8 @@
 """One exception root; every error knows the exit code the CLI leaves with.
 
-Exit codes: 1 the server (or this node) said no, 2 bad usage or input, 3 `noconnection`
-(Redis or the coordinator is gone), 4 `No response from server` (a reply did not come in time).
+Exit codes: 1 the server (or this node) said no, or this node's client broke; 2 bad usage or
+input; 3 `noconnection` (Redis or the coordinator is gone); 4 `No response from server` (a reply
+did not come in time, or this node's client went away without one).
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ class MessengerError(Exception):
 
 class Rejected(MessengerError):
     """The server or this node refused: the message is one of the seed's reply words."""
+
+    exit_code = 1
+
+
+class ClientFailure(MessengerError):
+    """This node's client broke (a bug, or its own output gone): it stops rather than stay
+    logged on deaf. The session dies with its connection, as after a crash."""
 
     exit_code = 1
 
@@ -62,5 +70,6 @@ class NoResponse(MessengerError):
 
     exit_code = 4
 
-    def __init__(self) -> None:
+    def __init__(self, detail: str = "") -> None:
         super().__init__("No response from server")
+        self.detail = detail

@@ -20,6 +20,17 @@ from messenger.protocol import Reply, encode_local
 from messenger.settings import Settings
 
 _MAX_UNIX_PATH = 100  # sun_path is 108 bytes on Linux
+# JSON escapes a control character as six bytes (`\u0001`); the rest of a request is small.
+_ESCAPED_BYTES_PER_BYTE = 6
+_LINE_OVERHEAD = 4096
+
+
+def line_limit(settings: Settings) -> int:
+    """The longest line either end of the node socket reads: any text the rules allow, escaped.
+
+    asyncio's default (64 KiB) would refuse a message within the 64 KiB limit once escaped.
+    """
+    return _ESCAPED_BYTES_PER_BYTE * settings.max_message_bytes + _LINE_OVERHEAD
 
 
 def ensure_runtime_dir(settings: Settings) -> Path:
@@ -50,12 +61,15 @@ def socket_path(settings: Settings) -> Path:
 async def call(settings: Settings, request: dict[str, str], timeout: float) -> dict[str, Any]:
     """Send one request to this node's client and return its answer.
 
-    Raises Rejected(not-logged-on) when no client runs on this node, NoResponse when it does not
-    answer within `timeout`.
+    Raises Rejected(not-logged-on) when no client runs on this node (nothing listens on its
+    socket), NoResponse when it does not answer within `timeout` or goes away without answering:
+    then nobody knows whether the request was applied, which `not-logged-on` would deny.
     """
     path = socket_path(settings)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=line_limit(settings)), timeout
+        )
     except (FileNotFoundError, ConnectionRefusedError):
         raise Rejected(Reply.NOT_LOGGED_ON) from None
     except TimeoutError:
@@ -66,16 +80,18 @@ async def call(settings: Settings, request: dict[str, str], timeout: float) -> d
         line = await asyncio.wait_for(reader.readline(), timeout)
     except TimeoutError:
         raise NoResponse() from None
-    except ConnectionError:
-        raise Rejected(Reply.NOT_LOGGED_ON) from None
+    except (ConnectionError, ValueError) as e:  # ValueError: an answer past the line limit
+        raise NoResponse(f"this node's client did not answer properly: {e}") from None
     finally:
         writer.close()
-    if not line:  # the client went away while we asked (it stopped, e.g. logged off)
-        raise Rejected(Reply.NOT_LOGGED_ON)
+    if not line:
+        raise NoResponse("this node's client closed the connection without answering")
     try:
-        answer: dict[str, Any] = json.loads(line)
-    except ValueError:
-        raise MessengerError("garbled answer from this node's client") from None
+        answer: Any = json.loads(line)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict) or not isinstance(answer.get("reply"), str):
+        raise MessengerError("garbled answer from this node's client")
     return answer
 
 

@@ -208,20 +208,41 @@ def encode_event(event: Event) -> str:
     return json.dumps({"t": "stopping", "coordinator": event.coordinator})
 
 
-def decode_event(data: str | bytes) -> Event:
-    """Decode one pub/sub payload; garbage raises ProtocolError."""
+def _json_object(data: str | bytes, what: str) -> dict[str, Any]:
+    """Parse one JSON object; every other input (bytes that are not UTF-8, JSON nested deeper
+    than the parser recurses, a list, a number...) raises ProtocolError."""
     try:
         obj: Any = json.loads(data)
-        t = obj["t"]
-        if t == "reply":
-            return ReplyEvent(str(obj["req"]), Reply(obj["r"]))
-        if t == "msg":
-            return MessageEvent(str(obj["from"]), str(obj["text"]))
-        if t == "stopping":
-            return StoppingEvent(str(obj["coordinator"]))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ProtocolError(f"undecodable event: {e}") from None
-    raise ProtocolError(f"unknown event type {t!r}")
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"undecodable {what}: {type(e).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} is not a JSON object")
+    return obj
+
+
+def _field(obj: dict[str, Any], key: str, what: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} without a string {key!r}")
+    return value
+
+
+def decode_event(data: str | bytes) -> Event:
+    """Decode one pub/sub payload; anything else raises ProtocolError, never another error."""
+    obj = _json_object(data, "event")
+    t = obj.get("t")
+    if t == "reply":
+        word = _field(obj, "r", "reply")
+        try:
+            reply = Reply(word)
+        except ValueError:
+            raise ProtocolError(f"unknown reply {printable(word[:40])!r}") from None
+        return ReplyEvent(_field(obj, "req", "reply"), reply)
+    if t == "msg":
+        return MessageEvent(_field(obj, "from", "message"), _field(obj, "text", "message"))
+    if t == "stopping":
+        return StoppingEvent(_field(obj, "coordinator", "stopping event"))
+    raise ProtocolError(f"unknown event type {printable(str(t)[:40])!r}")
 
 
 # --- the local protocol between a command and its node's client (JSON lines on a unix socket) --
@@ -241,16 +262,16 @@ def encode_local(obj: dict[str, str]) -> bytes:
 
 
 def decode_local_request(line: bytes) -> LocalRequest:
-    try:
-        obj: Any = json.loads(line)
-        op = obj["op"]
-        wait = str(obj.get("wait_ms", "0"))
-        if not _WAIT_RE.fullmatch(wait):
-            raise ProtocolError(f"bad wait_ms {wait[:20]!r}")
-        if op == "message":
-            return LocalRequest("message", str(obj["to"]), str(obj["text"]), int(wait))
-        if op in ("logoff", "ping"):
-            return LocalRequest(op, wait_ms=int(wait))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ProtocolError(f"bad local request: {e}") from None
-    raise ProtocolError(f"unknown local op {op!r}")
+    """Decode one line from the node socket; anything else raises ProtocolError."""
+    obj = _json_object(line, "local request")
+    wait = obj.get("wait_ms", "0")
+    if not isinstance(wait, str) or not _WAIT_RE.fullmatch(wait):
+        raise ProtocolError(f"bad wait_ms {printable(str(wait)[:20])!r}")
+    op = obj.get("op")
+    if op == "message":
+        return LocalRequest(
+            "message", _field(obj, "to", "message"), _field(obj, "text", "message"), int(wait)
+        )
+    if op in ("logoff", "ping"):
+        return LocalRequest(op, wait_ms=int(wait))
+    raise ProtocolError(f"unknown local op {printable(str(op)[:40])!r}")

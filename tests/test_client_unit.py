@@ -15,6 +15,7 @@ from messenger import local
 from messenger.client import Client, format_message, list_users
 from messenger.coordinator import Coordinator
 from messenger.errors import (
+    ClientFailure,
     ConfigError,
     InvalidInput,
     NoConnection,
@@ -228,3 +229,50 @@ def test_runtime_dir_must_be_private(tmp_path: Path) -> None:
         local.ensure_runtime_dir(settings(shared, "n1"))
     shared.chmod(0o700)
     assert local.ensure_runtime_dir(settings(shared, "n1")) == shared
+
+
+async def test_a_crafted_event_is_ignored_and_the_next_message_printed(
+    coordinator: Coordinator, nodes: Any
+) -> None:
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+    inbox = Keys("c").inbox(bob.client.sid)
+    for crafted in ("[" * 100_000, '{"t":"msg","from":["x"],"text":{}}', '{"t":"reply"}'):
+        await coordinator.redis.publish(inbox, crafted)
+    assert await alice.client.send("bob", "after") == Reply.SENT
+    await asyncio.wait_for(_until(_async(lambda: bool(bob.lines))), 2)
+    assert bob.lines == ["Message from alice: after"]
+    assert not bob.client.finished.done()
+
+
+async def test_a_reader_that_fails_stops_the_client_loudly(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = nodes("bob", "n2")
+    await bob.start()
+
+    def broken(data: str) -> None:
+        raise RuntimeError("a bug in the reader")
+
+    monkeypatch.setattr(bob.client, "_dispatch", broken)
+    await coordinator.redis.publish(Keys("c").inbox(bob.client.sid), "anything")
+    reason = await bob.result()
+    assert isinstance(reason, ClientFailure)
+    assert "event reader" in reason.message
+    assert "a bug in the reader" in reason.message
+
+
+async def test_a_broken_output_stops_the_client(coordinator: Coordinator, nodes: Any) -> None:
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+
+    def closed_terminal(line: str) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    bob.client.out = closed_terminal
+    assert await alice.client.send("bob", "hi") == Reply.SENT
+    reason = await bob.result()
+    assert isinstance(reason, ClientFailure)
+    assert "Broken pipe" in reason.message

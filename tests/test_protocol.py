@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from messenger.errors import InvalidInput, ProtocolError
 from messenger.protocol import (
@@ -144,3 +149,90 @@ def test_local_requests() -> None:
     for bad in (b"", b"{}", b'{"op":"rm -rf"}', b"\xff"):
         with pytest.raises(ProtocolError):
             decode_local_request(bad)
+
+
+# --- every input decodes to a result or a ProtocolError, never anything else ---------------------
+
+# Deep nesting made Python's json recurse past its limit: a RecursionError killed the reader.
+NESTED: list[str | bytes] = [
+    b"[" * 100_000,
+    b"{" * 100_000,
+    b'{"t":' * 50_000,
+    '{"t":"msg","from":"a","text":' + "[" * 100_000,
+]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=20,
+)
+# Objects shaped like the real ones, with any value in any field: the decoders' type checks.
+shaped = st.fixed_dictionaries(
+    {"t": st.sampled_from(["reply", "msg", "stopping"]) | json_values},
+    optional={
+        k: json_values | st.sampled_from(["sent", REQ, "alice"])
+        for k in ("req", "r", "from", "text", "coordinator")
+    },
+)
+local_shaped = st.fixed_dictionaries(
+    {"op": st.sampled_from(["message", "logoff", "ping"]) | json_values},
+    optional={k: json_values | st.just("1500") for k in ("to", "text", "wait_ms")},
+)
+
+
+def _inputs(shape: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
+    return (
+        st.binary(max_size=200)
+        | st.sampled_from([v if isinstance(v, bytes) else v.encode() for v in NESTED])
+        | json_values.map(lambda v: json.dumps(v).encode())
+        | shape.map(lambda v: json.dumps(v).encode())
+    )
+
+
+@pytest.mark.parametrize("data", NESTED)
+def test_deeply_nested_json_is_a_protocol_error(data: str | bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_event(data)
+    with pytest.raises(ProtocolError):
+        decode_local_request(data if isinstance(data, bytes) else data.encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(_inputs(shaped))
+def test_decode_event_never_raises_anything_but_protocol_error(data: bytes) -> None:
+    try:
+        event = decode_event(data)
+    except ProtocolError:
+        return
+    assert isinstance(event, ReplyEvent | MessageEvent | StoppingEvent)
+    assert all(isinstance(v, str) for v in vars(event).values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(_inputs(local_shaped))
+def test_decode_local_request_never_raises_anything_but_protocol_error(data: bytes) -> None:
+    try:
+        req = decode_local_request(data)
+    except ProtocolError:
+        return
+    assert req.op in ("message", "logoff", "ping")
+    assert isinstance(req.to, str)
+    assert isinstance(req.text, str)
+    assert isinstance(req.wait_ms, int)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=30) | st.sampled_from(["1-0", "1700000000123-4"]),
+    st.dictionaries(
+        st.sampled_from(["k", "req", "sid", "wait", "ttl", "name", "node", "to", "text", "x"]),
+        st.text(max_size=40) | st.sampled_from(["logon", "message-to", "logoff", REQ, SID]),
+    ),
+)
+def test_decode_request_never_raises_anything_but_protocol_error(
+    entry_id: str, fields: dict[str, str]
+) -> None:
+    try:
+        request = decode_request(entry_id, fields, 100)
+    except ProtocolError:
+        return
+    assert request.kind in ("logon", "message-to", "logoff")
