@@ -18,8 +18,8 @@ import click
 from redis.exceptions import RedisError
 
 from messenger import __version__, local
-from messenger.client import Client, list_users
-from messenger.connection import connect, resolve_url, server_file
+from messenger.client import Client, UserList, list_users
+from messenger.connection import connect, describe, explain, resolve_url, server_file
 from messenger.coordinator import Coordinator
 from messenger.embedded import EmbeddedRedis
 from messenger.errors import ConfigError, MessengerError, NoConnection, NoResponse, Rejected
@@ -120,10 +120,20 @@ def echo(line: str) -> None:
     sys.stdout.flush()
 
 
+class OneLineFormatter(logging.Formatter):
+    """Every log record is one line, with control characters escaped: names, texts and error
+    messages that came from Redis or a client can neither forge log lines nor drive a terminal.
+    (A traceback, appended after the message, keeps its lines.)"""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def _setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -291,21 +301,28 @@ def _local_call(settings: Settings, request: dict[str, str]) -> None:
 def who(*, as_json: bool, settings: Settings, verbose: bool) -> None:
     """List the logged-on users and their nodes."""
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
-    users = asyncio.run(_who(settings))
+    users, unreadable = asyncio.run(_who(settings))
+    if unreadable:
+        click.echo(f"messenger: skipped {unreadable} session entries that do not decode", err=True)
     if as_json:
         echo(json.dumps([{"name": n, "node": node} for n, node in users]))
         return
-    width = max((len(n) for n, _ in users), default=0)
-    for n, node in users:
+    # What Redis holds is printed escaped, like `Message from`: it must not drive the terminal.
+    rows = [(printable(n), printable(node)) for n, node in users]
+    width = max((len(n) for n, _ in rows), default=0)
+    for n, node in rows:
         echo(f"{n.ljust(width)}  {node}")
+    if not rows and sys.stdout.isatty():
+        # Scripts see an empty stdout and exit 0; a person is told.
+        click.echo("nobody is logged on", err=True)
 
 
-async def _who(settings: Settings) -> list[tuple[str, str]]:
+async def _who(settings: Settings) -> UserList:
     redis = connect(resolve_url(settings), socket_timeout=settings.reply_timeout)
     try:
         return await list_users(redis, settings.prefix)
     except RedisError as e:
-        raise NoConnection(str(e)) from None
+        raise NoConnection(f"Redis at {describe(redis)}: {explain(e)}") from None
     finally:
         with contextlib.suppress(RedisError, OSError):
             await redis.aclose()

@@ -12,19 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from messenger import local
+from messenger.connection import describe, explain
 from messenger.errors import (
     ClientFailure,
     MessengerError,
@@ -44,6 +44,7 @@ from messenger.protocol import (
     StoppingEvent,
     decode_event,
     decode_local_request,
+    decode_session,
     encode_local,
     printable,
     validate_name,
@@ -127,7 +128,7 @@ class Client:
             if not await self.redis.exists(self.keys.lease):
                 raise NoConnection("no coordinator is running")
         except RedisError as e:
-            raise NoConnection(str(e)) from None
+            raise NoConnection(f"Redis at {describe(self.redis)}: {explain(e)}") from None
         self._spawn(self._read_events(), "event reader")
         logon = self._new("logon", name=self.name, node=self.node)
         reply = await self.request(replace(logon, ttl_ms=self.settings.heartbeat_ttl_ms))
@@ -368,8 +369,16 @@ class Client:
             return {"reply": f"this node's client failed: {type(e).__name__}", "exit": "1"}
 
 
-async def list_users(redis: Redis, prefix: str) -> list[tuple[str, str]]:
-    """(name, node) of every logged-on user whose heartbeat deadline has not passed."""
+class UserList(NamedTuple):
+    users: list[tuple[str, str]]  # (name, node), sorted; raw, so escape them to print
+    unreadable: int  # session entries that did not decode (skipped)
+
+
+async def list_users(redis: Redis, prefix: str) -> UserList:
+    """Every logged-on user whose heartbeat deadline has not passed.
+
+    What Redis holds is not trusted: an entry that does not decode is skipped and counted.
+    """
     keys = Keys(prefix)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(keys.sessions)
@@ -378,9 +387,11 @@ async def list_users(redis: Redis, prefix: str) -> list[tuple[str, str]]:
         sessions, deadlines, (secs, micros) = await pipe.execute()
     now_ms = int(secs) * 1000 + int(micros) // 1000
     live = {sid for sid, deadline in deadlines if deadline > now_ms}
-    users = []
+    users, unreadable = [], 0
     for sid, raw in sessions.items():
         if sid in live:
-            s = json.loads(raw)
-            users.append((str(s["name"]), str(s["node"])))
-    return sorted(users)
+            try:
+                users.append(decode_session(raw))
+            except ProtocolError:
+                unreadable += 1
+    return UserList(sorted(users), unreadable)

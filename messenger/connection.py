@@ -8,14 +8,28 @@ connection here has no retries and short timeouts; callers turn RedisError into 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidResponse,
+    NoPermissionError,
+    RedisError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from messenger.errors import ConfigError, NoConnection
 from messenger.settings import Settings
+
+_SCHEMES = ("redis", "rediss", "unix")
+_DB_PATH = re.compile(r"/?[0-9]{0,5}")
 
 SERVER_FILE = "server.json"
 
@@ -32,18 +46,90 @@ def resolve_url(settings: Settings) -> str:
     path = server_file(settings)
     try:
         data = json.loads(path.read_text())
-        return str(data["url"])
+        url, pids = str(data["url"]), [int(data[k]) for k in ("pid", "redis_pid") if k in data]
     except FileNotFoundError:
         raise NoConnection(
             "no Redis URL configured (--redis-url / MESSENGER_REDIS_URL) and no `messenger "
             f"server` with an embedded Redis runs on this host (looked for {path})"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ConfigError(f"unreadable server file {path}: {e}") from None
+    gone = [pid for pid in pids if not _process_exists(pid)]
+    if gone:
+        # A server killed with -9 cannot remove its file; its Redis died with it.
+        raise NoConnection(
+            f"the messenger server recorded in {path} is gone (pid {gone[0]} is not running): "
+            "start one with `messenger server`, or pass --redis-url"
+        )
+    return url
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone's process: not ours to judge, so the connection will tell
+    return True
+
+
+def check_url(url: str) -> str:
+    """Refuse a URL that redis-py would quietly misread (e.g. `/xyz` as database 0)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as e:
+        raise ConfigError(f"invalid Redis URL {redact(url)!r}: {e}") from None
+    if parts.scheme not in _SCHEMES:
+        raise ConfigError(
+            f"invalid Redis URL {redact(url)!r}: the scheme must be one of "
+            + ", ".join(f"{s}://" for s in _SCHEMES)
+        )
+    if parts.scheme != "unix" and not _DB_PATH.fullmatch(parts.path):
+        raise ConfigError(
+            f"invalid Redis URL {redact(url)!r}: after host:port only /<database number> may "
+            f"follow, not {parts.path!r}"
+        )
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, fit for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def describe(redis: Redis) -> str:
+    """Where a client connects, without its password: for messages that say what was tried."""
+    kw = redis.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+
+def explain(error: RedisError) -> str:
+    """One line that says what went wrong with Redis, in words a user can act on."""
+    said = str(error).rstrip(". ") or type(error).__name__
+    if isinstance(error, InvalidResponse):
+        return f"that is not a Redis server (it answered: {said})"
+    if isinstance(error, AuthenticationError | AuthorizationError | NoPermissionError):
+        return f"Redis refused these credentials ({said})"
+    if isinstance(error, RedisTimeoutError):
+        return f"no answer in time ({said})"
+    return said
 
 
 def connect(url: str, *, socket_timeout: float | None, name: str = "messenger") -> Redis:
     """A client that fails fast instead of retrying (see the module docstring)."""
+    check_url(url)
     try:
         return Redis.from_url(
             url,

@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from messenger.connection import describe, explain
 from messenger.errors import LeaseLost, ProtocolError
 from messenger.keys import GROUP, Keys
 from messenger.protocol import Reply, Request, StoppingEvent, decode_request, encode_event
@@ -35,6 +36,8 @@ Clock = Callable[[], int]
 _LIST_LOG_LIMIT = 50
 _BATCH = 100
 _REPLY_MARGIN_MS = 250
+# Seconds between attempts while Redis stays unusable (the last one repeats).
+_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 class Coordinator:
@@ -61,6 +64,8 @@ class Coordinator:
         self.scripts = Scripts(redis, self.keys)
         self.clock = clock
         self.id = coordinator_id or secrets.token_hex(16)
+        self.active = False  # holds the lease, as far as it knows
+        self.activations = 0  # how many times it became the active coordinator
 
     def _now(self) -> int | None:
         return None if self.clock is None else self.clock()
@@ -190,6 +195,8 @@ class Coordinator:
         """Serve until `stop` is set. Raises LeaseLost or RedisError."""
         if not await self.acquire_lease(stop):
             return
+        self.active = True
+        self.activations += 1
         await self.ensure_group()
         await self.take_over_pending()
         await self.sweep()
@@ -212,7 +219,12 @@ class Coordinator:
                 await self._process(entries)
 
     async def shutdown(self) -> None:
-        """Stopping on purpose: tell every client at once, then give the lease up."""
+        """Stopping on purpose: tell every client at once, then give the lease up.
+
+        Only the active coordinator speaks for the service: a standby that stops (or one that
+        never reached Redis) must not stop the clients of the one that serves them."""
+        if not self.active:
+            return
         try:
             await self.redis.publish(self.keys.control, encode_event(StoppingEvent(self.id)))
             await self.scripts.lease_release(self.id)
@@ -220,14 +232,26 @@ class Coordinator:
             log.warning("could not tell clients that the server stops: %s", e)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """serve() until stopped; a lost Redis or lease is logged and retried, never fatal."""
+        """serve() until stopped; a lost Redis or lease is logged and retried, never fatal.
+
+        Each failed attempt is one log line that says what was tried and what went wrong, and
+        the retries back off (up to a few seconds) while Redis stays unusable.
+        """
+        failures = 0
         while not stop.is_set():
+            activations = self.activations
             try:
                 await self.serve(stop)
-            except (RedisConnectionError, RedisTimeoutError) as e:
-                log.error("lost Redis (%s); retrying", e)
-                await _wait(stop, 1.0)
+            except RedisError as e:
+                # Back off while Redis stays unusable; start afresh once it has worked again.
+                failures = 1 if self.activations != activations else failures + 1
+                delay = _RETRY_DELAYS[min(failures, len(_RETRY_DELAYS)) - 1]
+                log.error(
+                    "Redis at %s: %s; retrying in %.2g s", describe(self.redis), explain(e), delay
+                )
+                await _wait(stop, delay)
             except LeaseLost:
+                self.active = False
                 # Paused past its lease (or cut off): another may be active now. The scripts are
                 # fenced, so nothing was done without the lease; go back to waiting as a standby.
                 log.warning("lost the lease; standing by")

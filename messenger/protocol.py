@@ -245,6 +245,12 @@ def decode_event(data: str | bytes) -> Event:
     raise ProtocolError(f"unknown event type {printable(str(t)[:40])!r}")
 
 
+def decode_session(raw: str | bytes) -> tuple[str, str]:
+    """(name, node) of one `sessions` entry; anything else raises ProtocolError."""
+    obj = _json_object(raw, "session entry")
+    return _field(obj, "name", "session entry"), _field(obj, "node", "session entry")
+
+
 # --- the local protocol between a command and its node's client (JSON lines on a unix socket) --
 
 

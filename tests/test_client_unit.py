@@ -109,10 +109,10 @@ async def test_logon_message_logoff(coordinator: Coordinator, nodes: Any) -> Non
         bob.lines == [format_message("alice", "hi \x1b[2J")] == ["Message from alice: hi \\x1b[2J"]
     )
     assert await alice.client.send("carol", "x") == Reply.RECEIVER_NOT_FOUND
-    assert await list_users(coordinator.redis, "c") == [("alice", "n1"), ("bob", "n2")]
+    assert await list_users(coordinator.redis, "c") == ([("alice", "n1"), ("bob", "n2")], 0)
     assert await bob.client.logoff() == Reply.LOGGED_OFF
     assert await bob.result() is None
-    assert await list_users(coordinator.redis, "c") == [("alice", "n1")]
+    assert await list_users(coordinator.redis, "c") == ([("alice", "n1")], 0)
 
 
 def _async(f: Any) -> Any:

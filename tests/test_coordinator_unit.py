@@ -522,3 +522,44 @@ async def test_a_name_pointing_at_a_removed_session_is_not_a_receiver(
     await redis.hdel(k.sessions, b)  # ...but his session is gone; the index is stale
     req = Request("message-to", sid(), a, to="bob", text="x")
     assert await handle(coord, clock, req) == Reply.RECEIVER_NOT_FOUND
+
+
+async def test_a_standby_that_stops_does_not_stop_the_clients(
+    redis: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "messenger.coordinator")
+    k = Keys("u")
+    await redis.set(k.lease, "the-active-one", px=60_000)
+    control = redis.pubsub()
+    await control.subscribe(k.control)
+    await control.get_message(timeout=1)  # the subscribe confirmation
+    standby = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(standby.run(stop))
+    while "waiting as standby" not in caplog.text:  # it tried the lease and stands by
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert not standby.active
+    assert await control.get_message(timeout=0.2) is None  # no `stopping` for anyone
+    assert await redis.get(k.lease) == "the-active-one"
+    await control.aclose()
+
+
+async def test_the_active_one_that_stops_tells_the_clients(redis: Any, settings: Settings) -> None:
+    k = Keys("u")
+    control = redis.pubsub()
+    await control.subscribe(k.control)
+    await control.get_message(timeout=1)
+    active = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(active.run(stop))
+    while not await redis.exists(k.lease):
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    msg = await control.get_message(timeout=1)
+    assert msg is not None
+    assert json.loads(msg["data"])["t"] == "stopping"
+    assert not await redis.exists(k.lease)
+    await control.aclose()
