@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 from redis.exceptions import RedisError
 
 from messenger import __version__, local
@@ -31,85 +32,70 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("messenger")
 
 
+# The settings every command takes, as (option, click arguments). Each may come before the
+# command's name or after it (`messenger --node n1 who` = `messenger who --node n1`), and each
+# reads MESSENGER_<NAME> from the environment.
+_SETTING_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "--redis-url",
+        {
+            "help": "Redis to use (redis://[[user]:password@]host:port[/db]). Default: the "
+            "embedded Redis of a `messenger server` on this host."
+        },
+    ),
+    ("--node", {"help": "This node's name (default: the host name)."}),
+    ("--prefix", {"help": "Prefix of every Redis key (default: messenger)."}),
+    (
+        "--heartbeat-interval",
+        {"type": float, "help": "Seconds between a client's heartbeats (default 1)."},
+    ),
+    (
+        "--heartbeat-ttl",
+        {
+            "type": float,
+            "help": "Seconds without a heartbeat before a client is logged off (default 3).",
+        },
+    ),
+    (
+        "--reply-timeout",
+        {"type": float, "help": "Seconds to wait for the server's reply (default 5)."},
+    ),
+    (
+        "--runtime-dir",
+        {
+            "type": click.Path(file_okay=False, path_type=Path),
+            "help": "Directory for node sockets and the embedded server's address.",
+        },
+    ),
+]
+_SETTING_NAMES = tuple(opt[2:].replace("-", "_") for opt, _ in _SETTING_OPTIONS)
+
+
+def _add_options(func: F, *, envvar: bool) -> F:
+    for (opt, kwargs), name in reversed(list(zip(_SETTING_OPTIONS, _SETTING_NAMES, strict=True))):
+        extra: dict[str, Any] = (
+            {"envvar": f"MESSENGER_{name.upper()}", "show_envvar": True} if envvar else {}
+        )
+        func = click.option(opt, default=None, **kwargs, **extra)(func)
+    return click.option("-v", "--verbose", is_flag=True, help="Log more.")(func)
+
+
 def common_options(func: F) -> F:
-    """Options every command takes; each also reads MESSENGER_<NAME> from the environment."""
-    options = [
-        click.option(
-            "--redis-url",
-            envvar="MESSENGER_REDIS_URL",
-            default=None,
-            help="Redis to use (redis://[:password@]host:port/db). Default: the "
-            "embedded Redis of a `messenger server` on this host.",
-        ),
-        click.option(
-            "--node",
-            envvar="MESSENGER_NODE",
-            default=None,
-            help="This node's name (default: the host name).",
-        ),
-        click.option(
-            "--prefix",
-            envvar="MESSENGER_PREFIX",
-            default=None,
-            help="Prefix of every Redis key (default: messenger).",
-        ),
-        click.option(
-            "--heartbeat-interval",
-            envvar="MESSENGER_HEARTBEAT_INTERVAL",
-            type=float,
-            default=None,
-            help="Seconds between a client's heartbeats (default 1).",
-        ),
-        click.option(
-            "--heartbeat-ttl",
-            envvar="MESSENGER_HEARTBEAT_TTL",
-            type=float,
-            default=None,
-            help="Seconds without a heartbeat before a client is logged off (default 3).",
-        ),
-        click.option(
-            "--reply-timeout",
-            envvar="MESSENGER_REPLY_TIMEOUT",
-            type=float,
-            default=None,
-            help="Seconds to wait for the server's reply (default 5).",
-        ),
-        click.option(
-            "--runtime-dir",
-            envvar="MESSENGER_RUNTIME_DIR",
-            default=None,
-            type=click.Path(file_okay=False, path_type=Path),
-            help="Directory for node sockets and the embedded server's address.",
-        ),
-        click.option("-v", "--verbose", is_flag=True, help="Log more."),
-    ]
-    for option in reversed(options):
-        func = option(func)
+    """The settings options of a command: given after the command's name, they win over the
+    same option given before it (on the group), which wins over the environment."""
+    func = _add_options(func, envvar=True)
 
     @functools.wraps(func)
-    def wrapper(
-        *,
-        redis_url: str | None,
-        node: str | None,
-        prefix: str | None,
-        heartbeat_interval: float | None,
-        heartbeat_ttl: float | None,
-        reply_timeout: float | None,
-        runtime_dir: Path | None,
-        verbose: bool,
-        **kwargs: Any,
-    ) -> Any:
-        settings = Settings.from_env(
-            redis_url=redis_url,
-            node=node,
-            prefix=prefix,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_ttl=heartbeat_ttl,
-            reply_timeout=reply_timeout,
-            runtime_dir=runtime_dir,
-        )
-        kwargs["settings"] = settings
-        kwargs["verbose"] = verbose
+    def wrapper(**kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        before = ctx.parent.params if ctx.parent is not None else {}
+        values = {}
+        for name in _SETTING_NAMES:
+            after = kwargs.pop(name)
+            typed_after = ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+            values[name] = after if typed_after or before.get(name) is None else before[name]
+        kwargs["verbose"] = bool(kwargs["verbose"] or before.get("verbose"))
+        kwargs["settings"] = Settings.from_env(**values)
         return func(**kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -138,11 +124,15 @@ def _setup_logging(level: int) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="messenger")
-def cli() -> None:
+@functools.partial(_add_options, envvar=False)
+def cli(**_settings: Any) -> None:
     """A robust messenger: one coordinator, one client per node, Redis in between.
 
     Replies are the Erlang seed's words, each alone on a line. Exit codes: 0 done, 1 refused
     (e.g. receiver-not-found), 2 bad input, 3 noconnection, 4 No response from server.
+
+    Options may come before the command or after it: `messenger --node n1 who` is
+    `messenger who --node n1`. Each also reads MESSENGER_<NAME> from the environment.
     """
 
 

@@ -190,3 +190,33 @@ def test_after_a_killed_embedded_server_commands_say_it_is_gone(base_env: dict[s
             assert "start one with `messenger server`" in err
     finally:
         local_only.cleanup()
+
+
+# --- options in any place -----------------------------------------------------------------------
+
+
+def test_options_before_the_command_are_accepted(procs: Procs) -> None:
+    procs.server()
+    procs.logon("alice", "n1")
+    procs.logon("bob", "n2")
+    assert procs.run("--node", "n1", "message", "bob", "hi") == (0, ["sent"], "")
+    code, out, _ = procs.run("--node", "n1", "--reply-timeout", "3", "who")
+    assert (code, out) == (0, ["alice  n1", "bob    n2"])
+    # An option typed before the command wins over the environment...
+    assert procs.run("--node", "n1", "message", "bob", "hi", MESSENGER_NODE="n7")[:2] == (
+        0,
+        ["sent"],
+    )
+    # ...and one typed after it wins over both.
+    assert procs.run("--node", "n7", "message", "bob", "hi", "--node", "n1")[:2] == (0, ["sent"])
+    assert procs.run("--node", "n7", "message", "bob", "hi")[:2] == (1, ["not-logged-on"])
+    assert procs.run("--node", "n2", "logoff")[:2] == (0, ["logged-off"])
+
+
+def test_a_bad_option_before_the_command_is_a_clear_error(procs: Procs) -> None:
+    code, out, err = procs.run("--heartbeat-ttl", "soon", "who")
+    assert (code, out) == (2, [])
+    assert "'soon' is not a valid float" in err
+    code, _, err = procs.run("--no-such-option", "who")
+    assert code == 2
+    assert "No such option" in err

@@ -441,3 +441,74 @@ def test_dockerfile_runs_messenger_as_a_non_root_user() -> None:
     assert users[-1].split(":")[0] not in ("root", "0")
     runs = " ".join(rest for word, rest in instructions if word == "RUN")
     assert "pip install --no-cache-dir ." in runs
+
+
+# --- (e) the walk-throughs (README and the file's header) run in an order that works
+
+
+def walkthrough_problems(lines: list[str]) -> list[str]:
+    """Play the walk-through's commands on paper: every `message TO` must run in a container
+    whose user is logged on, to a TO that is logged on by then."""
+    user_of: dict[str, str] = {}  # container (or service) -> the user its `logon` logged on
+    problems = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if not words or words[0] not in ("docker", "docker-compose"):
+            continue
+        if "up" in words and words[-1] == "client":
+            user_of["client"] = "alice"  # the service's default command: logon alice
+        elif "logon" in words:
+            container = words[words.index("--name") + 1] if "--name" in words else "client"
+            user_of[container] = words[words.index("logon") + 1]
+        elif "messenger" in words:
+            container = words[words.index("messenger") - 1]
+            command = words[words.index("messenger") + 1 :]
+            if container not in user_of:
+                problems.append(f"{line!r}: nobody is logged on in {container!r} yet")
+            elif command[0] == "message" and command[1] not in user_of.values():
+                problems.append(f"{line!r}: {command[1]} is not logged on yet")
+            elif command[0] == "logoff":
+                del user_of[container]
+    return problems
+
+
+def readme_compose_lines() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The compose stack") :]
+    block = section[section.index("```sh") + 5 :]
+    return block[: block.index("```")].splitlines()
+
+
+def compose_header_lines() -> list[str]:
+    header = []
+    for line in COMPOSE_FILE.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    return header
+
+
+@pytest.mark.parametrize("source", [readme_compose_lines, compose_header_lines])
+def test_the_walkthrough_runs_in_an_order_that_works(source: Any) -> None:
+    lines = source()
+    assert any("message" in line for line in lines)
+    assert walkthrough_problems(lines) == []
+
+
+def test_the_walkthrough_check_finds_a_message_before_its_receiver_logs_on() -> None:
+    broken = [
+        "docker compose --profile client up client",
+        "docker compose exec client messenger message bob hi",
+        "docker compose run --rm --name bob -e MESSENGER_NODE=client2 client logon bob",
+    ]
+    assert walkthrough_problems(broken) == [f"{broken[1]!r}: bob is not logged on yet"]
+
+
+def test_the_readme_says_which_terminal_each_step_runs_in() -> None:
+    lines = readme_compose_lines()
+    commands = [line for line in lines if line.startswith("docker")]
+    for i, line in enumerate(lines):
+        if line.startswith("docker"):
+            before = [x for x in lines[:i] if x.startswith("# terminal")]
+            assert before, f"{line!r} does not say which terminal it runs in"
+    assert len(commands) >= 6
