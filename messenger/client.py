@@ -245,7 +245,9 @@ class Client:
                     approximate=True,
                 )
             except RedisError as e:
-                raise NoConnection(str(e)) from None
+                if self.finished.done():  # stopped (and closed) meanwhile: say why, not this
+                    raise self.finished.result() or Rejected(Reply.NOT_LOGGED_ON) from None
+                raise NoConnection(f"Redis at {describe(self.redis)}: {explain(e)}") from None
             try:
                 reply = await asyncio.wait_for(fut, request.wait_ms / 1000)
             except TimeoutError:
@@ -255,6 +257,11 @@ class Client:
             raise
         finally:
             self._pending.pop(request.req, None)
+            # stop() fails every pending future, this one too when it runs while the XADD is
+            # in flight (or from the except above); nobody awaits it then, so mark it retrieved
+            # rather than let asyncio print "Future exception was never retrieved".
+            if fut.done() and not fut.cancelled():
+                fut.exception()
         if reply in STOP_REPLIES:
             self.stop(Rejected(reply))
         return reply

@@ -220,3 +220,19 @@ def test_a_bad_option_before_the_command_is_a_clear_error(procs: Procs) -> None:
     code, _, err = procs.run("--no-such-option", "who")
     assert code == 2
     assert "No such option" in err
+
+
+# --- a user sees the reply word and a one-line detail, nothing else ------------------------------
+
+
+def test_a_failing_xadd_shows_the_word_and_one_line(procs: Procs, db: Any, keys: Keys) -> None:
+    procs.server()
+    alice = procs.logon("alice", "n1")
+    db.delete(keys.requests)
+    db.set(keys.requests, "not a stream")  # every XADD now fails with WRONGTYPE
+    code, out, _ = procs.run("message", "bob", "hi", "--node", "n1")
+    assert (code, out) == (3, ["noconnection"])
+    assert alice.wait_exit(10) == 3
+    assert alice.out[-1] == "noconnection"
+    assert len(alice.err) == 1, alice.err
+    assert "WRONGTYPE" in alice.err[0]

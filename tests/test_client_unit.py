@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from messenger import local
 from messenger.client import Client, format_message, list_users
@@ -276,3 +279,43 @@ async def test_a_broken_output_stops_the_client(coordinator: Coordinator, nodes:
     reason = await bob.result()
     assert isinstance(reason, ClientFailure)
     assert "Broken pipe" in reason.message
+
+
+async def _unretrieved_future_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    gc.collect()  # asyncio reports an unretrieved exception when the future is collected
+    await asyncio.sleep(0)
+    return "never retrieved" in caplog.text
+
+
+async def test_a_failing_xadd_is_noconnection_with_the_reason(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = nodes("alice", "n1")
+    await alice.start()
+
+    async def failing_xadd(*args: Any, **kwargs: Any) -> None:
+        raise ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
+
+    monkeypatch.setattr(alice.client.redis, "xadd", failing_xadd)
+    with pytest.raises(NoConnection) as caught:
+        await alice.client.send("bob", "hi")
+    assert "WRONGTYPE" in caught.value.detail
+    assert isinstance(await alice.result(), NoConnection)
+
+
+async def test_a_stop_while_the_xadd_is_in_flight_says_why_and_nothing_else(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    # After SIGCONT: the heartbeat learns the session is gone and stops the client, whose
+    # close() then breaks the connection under a request's XADD.
+    alice = nodes("alice", "n1")
+    await alice.start()
+
+    async def xadd_cut_by_a_stop(*args: Any, **kwargs: Any) -> None:
+        alice.client.stop(Rejected(Reply.YOU_ARE_NOT_LOGGED_ON))
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(alice.client.redis, "xadd", xadd_cut_by_a_stop)
+    with pytest.raises(Rejected, match="you-are-not-logged-on"):
+        await alice.client.send("bob", "hi")
+    assert not await _unretrieved_future_logged(caplog)
