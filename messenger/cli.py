@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 from redis.exceptions import RedisError
 
-from messenger import __version__, local
+from messenger import __version__, local, private
 from messenger.client import Client, UserList, list_users
 from messenger.connection import connect, describe, explain, resolve_url, server_file
 from messenger.coordinator import Coordinator
@@ -154,7 +154,7 @@ def server(*, settings: Settings, verbose: bool) -> None:
             _refuse_second_embedded(settings)
             embedded = EmbeddedRedis().start()
             url = embedded.url
-            _write_private(
+            private.write_file(
                 path, json.dumps({"url": url, "pid": os.getpid(), "redis_pid": embedded.pid})
             )
             log.info(
@@ -193,13 +193,6 @@ def _refuse_second_embedded(settings: Settings) -> None:
             f"a messenger server with an embedded Redis already runs on this host (see "
             f"{server_file(settings)}); stop it, or pass its --redis-url to use the same Redis"
         )
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.unlink(missing_ok=True)  # O_CREAT's mode only applies to a new file
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 async def _serve(coordinator: Coordinator) -> None:

@@ -25,6 +25,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from messenger import private
 from messenger.errors import ConfigError, NoConnection
 from messenger.settings import Settings
 
@@ -45,7 +46,8 @@ def resolve_url(settings: Settings) -> str:
         return settings.redis_url
     path = server_file(settings)
     try:
-        data = json.loads(path.read_text())
+        private.check_dir(settings.runtime_dir)
+        data = json.loads(private.read_file(path))
         url, pids = str(data["url"]), [int(data[k]) for k in ("pid", "redis_pid") if k in data]
     except FileNotFoundError:
         raise NoConnection(

@@ -8,6 +8,7 @@ asks the kernel to SIGTERM it when the coordinator dies, so a `kill -9` leaves n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib.util
@@ -47,6 +48,11 @@ def find_redis_server() -> str:
     )
 
 
+def _quote(value: str) -> str:
+    """A redis.conf string argument (double-quoted, backslash escapes)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,13 +75,13 @@ class EmbeddedRedis:
         *,
         password: str | None = None,
         die_with_parent: bool = True,
-        extra_args: list[str] | None = None,
+        extra_config: dict[str, str] | None = None,
     ) -> None:
         self.password = secrets.token_hex(16) if password is None else password
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._die_with_parent = die_with_parent
-        self._extra = extra_args or []
+        self._extra = extra_config or {}
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -94,34 +100,32 @@ class EmbeddedRedis:
         last_error = ""
         for _attempt in range(5):  # a free port can be taken between probe and bind
             self.port = free_port()
-            args = [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir.name,
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-                *self._extra,
-            ]
+            # The configuration goes in on stdin (`redis-server -`), never in argv or the
+            # environment: every user of the host can read those in /proc.
+            config = {
+                "bind": "127.0.0.1",
+                "port": str(self.port),
+                "save": '""',
+                "appendonly": "no",
+                "dir": _quote(self._dir.name),
+                "daemonize": "no",
+                "loglevel": "warning",
+                **self._extra,
+            }
             if self.password:
-                args += ["--requirepass", self.password]
+                config["requirepass"] = self.password
             self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
+                [binary, "-"],
+                stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 preexec_fn=_die_with_parent if self._die_with_parent else None,
             )
+            assert self.proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):  # it died at once: the error tells why
+                self.proc.stdin.write("".join(f"{k} {v}\n" for k, v in config.items()).encode())
+            self.proc.stdin.close()
             if self._wait_ready(timeout):
                 return self
             last_error = self._collect_error()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from messenger.errors import ConfigError, MessengerError, NoResponse, Rejected
+from messenger import private
+from messenger.errors import MessengerError, NoResponse, Rejected
 from messenger.protocol import Reply, encode_local
 from messenger.settings import Settings
 
@@ -34,20 +34,8 @@ def line_limit(settings: Settings) -> int:
 
 
 def ensure_runtime_dir(settings: Settings) -> Path:
-    """Create the runtime directory, or check that an existing one is private to this user.
-
-    It holds the embedded Redis's password and the node sockets: in a shared /tmp, a directory
-    made in advance by someone else must not be used.
-    """
-    path = settings.runtime_dir
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ConfigError(
-            f"runtime directory {path} must belong to you and be private (chmod 700), "
-            "or choose another with --runtime-dir"
-        )
-    return path
+    """Create the runtime directory, or check that an existing one is private to this user."""
+    return private.ensure_dir(settings.runtime_dir)
 
 
 def socket_path(settings: Settings) -> Path:
@@ -65,6 +53,8 @@ async def call(settings: Settings, request: dict[str, str], timeout: float) -> d
     socket), NoResponse when it does not answer within `timeout` or goes away without answering:
     then nobody knows whether the request was applied, which `not-logged-on` would deny.
     """
+    if not private.check_dir(settings.runtime_dir):
+        raise Rejected(Reply.NOT_LOGGED_ON)  # no runtime directory: no client ever ran here
     path = socket_path(settings)
     try:
         reader, writer = await asyncio.wait_for(
@@ -98,7 +88,7 @@ async def call(settings: Settings, request: dict[str, str], timeout: float) -> d
 async def client_alive(settings: Settings, timeout: float = 2.0) -> bool:
     """Whether a client already runs on this node (a stale socket file is removed)."""
     path = socket_path(settings)
-    if not path.exists():
+    if not private.check_dir(settings.runtime_dir) or not path.exists():
         return False
     try:
         await call(settings, {"op": "ping"}, timeout)
