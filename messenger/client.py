@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -36,6 +36,7 @@ from messenger.errors import (
 from messenger.keys import Keys
 from messenger.protocol import (
     STOP_REPLIES,
+    AliveEvent,
     Kind,
     MessageEvent,
     Reply,
@@ -44,21 +45,20 @@ from messenger.protocol import (
     StoppingEvent,
     decode_event,
     decode_local_request,
-    decode_session,
+    decode_user,
     encode_local,
+    encode_request,
+    heartbeat_id,
+    inbox_id,
+    new_session_key,
     printable,
     validate_name,
     validate_node,
     validate_text,
 )
-from messenger.scripts import Scripts
 from messenger.settings import Settings
 
 log = logging.getLogger("messenger.client")
-
-# The request stream is trimmed by the coordinator as it goes; this cap only bounds it when no
-# coordinator reads (requests that old are expired anyway).
-_STREAM_CAP = 100_000
 
 
 def format_message(sender: str, text: str) -> str:
@@ -85,17 +85,28 @@ class Client:
         *,
         out: Callable[[str], None] = print,
         clock: Callable[[], int] | None = None,
+        heartbeat_redis: Redis | None = None,
     ) -> None:
         self.redis = redis
+        # The heartbeat may go through a Redis user of its own (one that can refresh
+        # heartbeat keys and nothing else; see docs/security.md).
+        self.heartbeat_redis = heartbeat_redis or redis
         self.settings = settings
         self.name = validate_name(name)
         self.node = validate_node(settings.node)
         self.keys = Keys(settings.prefix)
-        self.scripts = Scripts(redis, self.keys)
         self.out = out
         self.clock = clock
-        # Random and unguessable: the session id is the fencing token every request carries.
-        self.sid = secrets.token_hex(16)
+        self.sid = secrets.token_hex(16)  # names the session in requests; no secret
+        # The session's secret: it signs every request and names the inbox and heartbeat key,
+        # so nobody else can speak as this session, listen to it or keep it alive.
+        self.key = new_session_key()
+        self.inbox = self.keys.inbox(inbox_id(self.key))
+        self.hb_key = self.keys.hb(heartbeat_id(self.key))
+        self._clock_offset_ms = 0.0  # Redis's clock minus our monotonic one, from TIME
+        # Until when a coordinator is known to be there (monotonic): its alive ticks and its
+        # replies push this on; clients cannot read the lease itself.
+        self._coordinator_until = time.monotonic() + settings.lease_ttl * 1.25
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._finished: asyncio.Future[MessengerError | None] | None = None
         self._pubsub: PubSub | None = None
@@ -123,17 +134,32 @@ class Client:
         """Log the user on; raises Rejected, NoConnection or NoResponse if that fails."""
         try:
             self._pubsub = self.redis.pubsub()
-            await self._pubsub.subscribe(self.keys.inbox(self.sid), self.keys.control)
+            await self._pubsub.subscribe(self.inbox, self.keys.control)
             await self._confirm_subscriptions(2)
-            if not await self.redis.exists(self.keys.lease):
-                raise NoConnection("no coordinator is running")
+            await self._read_clock()
         except RedisError as e:
             raise NoConnection(f"Redis at {describe(self.redis)}: {explain(e)}") from None
         self._spawn(self._read_events(), "event reader")
         logon = self._new("logon", name=self.name, node=self.node)
-        reply = await self.request(replace(logon, ttl_ms=self.settings.heartbeat_ttl_ms))
+        reply = await self.request(
+            replace(logon, ttl_ms=self.settings.heartbeat_ttl_ms, key=self.key)
+        )
         if reply != Reply.LOGGED_ON:
             raise Rejected(reply)
+
+    async def _read_clock(self) -> None:
+        """Reckon Redis's clock, which every request's time is on (hosts' clocks may differ)."""
+        before = time.monotonic()
+        secs, micros = await self.redis.time()
+        after = time.monotonic()
+        redis_ms = secs * 1000 + micros / 1000
+        self._clock_offset_ms = redis_ms - (before + after) / 2 * 1000
+        self._coordinator_until = after + self.settings.lease_ttl * 1.25
+
+    def _redis_now(self) -> int:
+        if self.clock is not None:
+            return self.clock()
+        return int(time.monotonic() * 1000 + self._clock_offset_ms)
 
     async def _confirm_subscriptions(self, count: int) -> None:
         """Wait until Redis has the subscriptions, before any request can be answered.
@@ -189,9 +215,11 @@ class Client:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # Bounded: a task stuck in a Redis read that ignores cancellation (seen with
+            # fakeredis's pub/sub) must not keep the client from closing; its connection is
+            # closed below, which ends the read.
+            await asyncio.wait(self._tasks, timeout=1.0)
         if self._server is not None:
             self._server.close()
             local.socket_path(self.settings).unlink(missing_ok=True)
@@ -236,22 +264,15 @@ class Client:
             raise self.finished.result() or Rejected(Reply.NOT_LOGGED_ON)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request.req] = fut
+        request = replace(request, sent_ms=self._redis_now())
         try:
             try:
-                await self.redis.xadd(
-                    self.keys.requests,
-                    request.fields(),  # type: ignore[arg-type]
-                    maxlen=_STREAM_CAP,
-                    approximate=True,
-                )
+                await self.redis.rpush(self.keys.requests, encode_request(request, self.key))
             except RedisError as e:
                 if self.finished.done():  # stopped (and closed) meanwhile: say why, not this
                     raise self.finished.result() or Rejected(Reply.NOT_LOGGED_ON) from None
                 raise NoConnection(f"Redis at {describe(self.redis)}: {explain(e)}") from None
-            try:
-                reply = await asyncio.wait_for(fut, request.wait_ms / 1000)
-            except TimeoutError:
-                raise NoResponse() from None
+            reply = await self._reply(fut, request.wait_ms / 1000)
         except (NoConnection, NoResponse) as e:
             self.stop(e)
             raise
@@ -265,6 +286,22 @@ class Client:
         if reply in STOP_REPLIES:
             self.stop(Rejected(reply))
         return reply
+
+    async def _reply(self, fut: asyncio.Future[Reply], wait: float) -> Reply:
+        """The reply, within `wait` seconds (else No response from server), unless no
+        coordinator shows a sign of life meanwhile: that is the seed's `noconnection`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            left = deadline - loop.time()
+            silent = self._coordinator_until - time.monotonic()
+            if silent <= 0:  # first: it says more than a timeout would
+                raise NoConnection("no coordinator is running (no sign of one)")
+            if left <= 0:
+                raise NoResponse()
+            done, _ = await asyncio.wait({fut}, timeout=min(left, silent))
+            if done:
+                return fut.result()
 
     async def send(self, to: str, text: str, *, wait_ms: int = 0) -> Reply:
         """`message TO TEXT`: sent, receiver-not-found, or you-are-not-logged-on."""
@@ -311,7 +348,12 @@ class Client:
         except ProtocolError as e:
             log.warning("ignored an undecodable event: %s", e.message)
             return
-        if isinstance(event, ReplyEvent):
+        if isinstance(event, AliveEvent):
+            self._coordinator_until = time.monotonic() + event.within_ms / 1000
+        elif isinstance(event, ReplyEvent):
+            self._coordinator_until = max(
+                self._coordinator_until, time.monotonic() + self.settings.lease_ttl * 1.25
+            )
             fut = self._pending.get(event.req)
             if fut is not None and not fut.done():
                 fut.set_result(event.reply)
@@ -322,22 +364,26 @@ class Client:
 
     async def _heartbeat(self) -> None:
         s = self.settings
+        loop = asyncio.get_running_loop()
+        beat = loop.time()
         while not self.finished.done():
-            await asyncio.sleep(s.heartbeat_interval)
+            # On a fixed beat: the round trips below must not stretch the period.
+            beat = max(beat + s.heartbeat_interval, loop.time())
+            await asyncio.sleep(beat - loop.time())
             try:
-                state = await self.scripts.heartbeat(
-                    self.sid, s.heartbeat_ttl_ms, None if self.clock is None else self.clock()
-                )
+                # Only refreshes the key's TTL, never creates it: a session the coordinator
+                # removed (or whose key expired while this client hung) stays dead.
+                alive = await self.heartbeat_redis.pexpire(self.hb_key, s.heartbeat_ttl_ms)
                 assert self._pubsub is not None
                 # A half-open pub/sub socket is only noticed if a PING's answer is awaited.
                 await self._pubsub.ping()
             except (RedisError, OSError) as e:
                 self.stop(NoConnection(f"Redis unreachable: {e}"))
                 return
-            if state < 0:
+            if not alive:
                 self.stop(Rejected(Reply.YOU_ARE_NOT_LOGGED_ON))
-            elif state == 0:
-                self.stop(NoConnection("no coordinator holds the lease"))
+            elif time.monotonic() > self._coordinator_until:
+                self.stop(NoConnection("no coordinator is running (no sign of one)"))
             elif time.monotonic() - self._last_pong > s.heartbeat_ttl + s.heartbeat_interval:
                 self.stop(NoConnection("the pub/sub connection stopped answering"))
 
@@ -382,23 +428,15 @@ class UserList(NamedTuple):
 
 
 async def list_users(redis: Redis, prefix: str) -> UserList:
-    """Every logged-on user whose heartbeat deadline has not passed.
+    """Every logged-on user, from the public list the coordinator keeps.
 
     What Redis holds is not trusted: an entry that does not decode is skipped and counted.
     """
-    keys = Keys(prefix)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(keys.sessions)
-        pipe.zrange(keys.deadlines, 0, -1, withscores=True)
-        pipe.time()
-        sessions, deadlines, (secs, micros) = await pipe.execute()
-    now_ms = int(secs) * 1000 + int(micros) // 1000
-    live = {sid for sid, deadline in deadlines if deadline > now_ms}
+    entries = cast(dict[str, str], await redis.hgetall(Keys(prefix).users))
     users, unreadable = [], 0
-    for sid, raw in sessions.items():
-        if sid in live:
-            try:
-                users.append(decode_session(raw))
-            except ProtocolError:
-                unreadable += 1
+    for name, raw in entries.items():
+        try:
+            users.append((name, decode_user(raw)))
+        except ProtocolError:
+            unreadable += 1
     return UserList(sorted(users), unreadable)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,8 +25,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from messenger.connection import describe, explain
 from messenger.errors import LeaseLost, ProtocolError
-from messenger.keys import GROUP, Keys
-from messenger.protocol import Reply, Request, StoppingEvent, decode_request, encode_event
+from messenger.keys import Keys
+from messenger.protocol import (
+    AliveEvent,
+    Reply,
+    Request,
+    StoppingEvent,
+    decode_request,
+    decode_user,
+    encode_event,
+    inbox_id,
+    max_entry_bytes,
+)
 from messenger.scripts import Scripts
 from messenger.settings import Settings
 
@@ -34,10 +46,65 @@ Clock = Callable[[], int]
 """Milliseconds on Redis's time line. None means: let Redis read its own clock (production)."""
 
 _LIST_LOG_LIMIT = 50
+# A batch: at most this many requests, and this many bytes of them (or one request's worth).
 _BATCH = 100
+_BATCH_BYTES = 1 << 20
+# How far in the future a request's time may be: the client reckons Redis's clock from TIME.
+_MAX_SKEW_MS = 1000
+_KNOWN_LIMIT = 100_000
 _REPLY_MARGIN_MS = 250
 # Seconds between attempts while Redis stays unusable (the last one repeats).
 _RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """What the coordinator knows of a session to verify its requests and answer them."""
+
+    key: str
+    inbox: str
+
+    @classmethod
+    def parse(cls, raw: str | None) -> _Credentials | None:
+        """From a session record or a gone-session entry; None if absent or unusable."""
+        if raw is None:
+            return None
+        try:
+            obj = json.loads(raw)
+            key, inbox = obj["key"], obj["inbox"]
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None
+        if isinstance(key, str) and isinstance(inbox, str):
+            return cls(key, inbox)
+        return None
+
+
+class DropCounter:
+    """Dropped requests, logged as one line per reason and period: a flood of garbage must not
+    become a flood of log lines."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        self.period = period
+        self.total = 0
+        self._counts: dict[str, int] = {}
+        self._since = time.monotonic()
+        self._reported_once = False
+
+    def note(self, reason: str) -> None:
+        self.total += 1
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+        if not self._reported_once:  # the first one at once: it may be a misconfiguration
+            self._reported_once = True
+            self.report(force=True)
+
+    def report(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._counts or (not force and now - self._since < self.period):
+            return
+        for reason, count in sorted(self._counts.items()):
+            log.warning("dropped malformed request x%d: %s", count, reason)
+        self._counts.clear()
+        self._since = now
 
 
 class Coordinator:
@@ -64,6 +131,8 @@ class Coordinator:
         self.scripts = Scripts(redis, self.keys)
         self.clock = clock
         self.id = coordinator_id or secrets.token_hex(16)
+        self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
+        self.dropped = DropCounter()
         self.active = False  # holds the lease, as far as it knows
         self.activations = 0  # how many times it became the active coordinator
 
@@ -72,9 +141,14 @@ class Coordinator:
 
     # --- lease ------------------------------------------------------------------------------
 
+    def _alive(self) -> str:
+        """The tick that tells clients a coordinator is there; the next one comes within a
+        refresh period, and a standby takes over within the lease TTL after the last one."""
+        ttl = self.settings.lease_ttl_ms
+        return encode_event(AliveEvent(self.id, ttl + ttl // 4 + _REPLY_MARGIN_MS))
+
     async def try_acquire_lease(self) -> bool:
-        got = await self.redis.set(self.keys.lease, self.id, nx=True, px=self.settings.lease_ttl_ms)
-        return bool(got) or await self.scripts.lease_refresh(self.id, self.settings.lease_ttl_ms)
+        return await self.scripts.lease_hold(self.id, self.settings.lease_ttl_ms, self._alive())
 
     async def acquire_lease(self, stop: asyncio.Event) -> bool:
         """Wait (as a standby) until this coordinator holds the lease; False if told to stop."""
@@ -90,56 +164,88 @@ class Coordinator:
         return False
 
     async def refresh_lease(self) -> None:
-        if not await self.scripts.lease_refresh(self.id, self.settings.lease_ttl_ms):
+        if not await self.try_acquire_lease():
             raise LeaseLost("lease lost")
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.keys.requests, GROUP, id="0", mkstream=True)
-        except ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+    async def _credentials(self, r: Request) -> _Credentials | None:
+        """The key that must have signed `r`, and the inbox its reply goes to.
 
-    async def handle(self, entry_id: str, fields: dict[str, str]) -> str | None:
-        """Apply one request; return the reply word, or None if it was dropped.
+        A logon brings its new session's key; any other request needs a session this
+        coordinator knows of, live or recently removed (whose client is still owed a
+        `you-are-not-logged-on`). Anything else cannot be verified, so it is not answered.
+        """
+        if r.kind == "logon":
+            return _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
+        known = self._known.get(r.sid)
+        if known is None:
+            raw = cast(str | None, await self.redis.hget(self.keys.sessions, r.sid))
+            if raw is None:
+                raw = cast(str | None, await self.redis.get(self.keys.gone(r.sid)))
+            known = _Credentials.parse(raw)
+            if known is not None:
+                self._remember(r.sid, known)
+        return known
 
-        Anything wrong with a request is logged and the request dropped: a malformed request must
-        never take the coordinator down.
+    def _remember(self, sid: str, credentials: _Credentials) -> None:
+        if len(self._known) >= _KNOWN_LIMIT:
+            self._known.clear()  # a cache: what it forgets is read from Redis again
+        self._known[sid] = credentials
+
+    async def handle(self, entry: str) -> str | None:
+        """Apply one request entry; return the reply word, or None if it was dropped.
+
+        Anything wrong with a request is counted and the request dropped: a malformed or
+        forged request must never take the coordinator down, nor be answered.
         """
         try:
-            request = decode_request(entry_id, fields, self.settings.max_message_bytes)
+            signed = decode_request(entry, self.settings.max_message_bytes)
         except ProtocolError as e:
-            log.warning("dropped malformed request %s: %s", entry_id, e.message)
+            self.dropped.note(f"malformed: {e.message}")
+            return None
+        request = signed.request
+        credentials = await self._credentials(request)
+        if credentials is None or not signed.verify(credentials.key):
+            self.dropped.note(f"unauthenticated {request.kind} for session {request.sid[:8]}")
             return None
         try:
-            reply = await self.apply(request)
+            reply = await self.apply(request, credentials.inbox)
         except ResponseError as e:
-            log.error("request %s (%s) failed in Redis: %s", entry_id, request.kind, e)
+            log.error("request %s (%s) failed in Redis: %s", request.req[:8], request.kind, e)
             return None
         if reply == Reply.EXPIRED:
             log.info(
                 "request %s (%s) arrived after its sender gave up; not applied",
-                entry_id,
+                request.req[:8],
                 request.kind,
             )
-        elif reply in (Reply.LOGGED_ON, Reply.LOGGED_OFF):
-            who = f"{request.name}@{request.node}" if request.kind == "logon" else request.sid[:8]
-            await self.log_list(f"{request.kind} {who}")
+        elif reply == Reply.LOGGED_ON:
+            self._remember(request.sid, credentials)
+            # The new client learns at once how long it may go without a tick from us.
+            await self.redis.publish(self.keys.control, self._alive())
+            await self.log_list(f"logon {request.name}@{request.node}")
+        elif reply == Reply.LOGGED_OFF:
+            await self.log_list(f"logoff {request.sid[:8]}")
         return reply
 
-    async def apply(self, r: Request) -> str:
+    async def apply(self, r: Request, reply_to: str) -> str:
         s, now = self.settings, self._now()
         wait = r.wait_ms or s.reply_timeout_ms  # the sender's own wait is what counts
         # Apply only while the reply can still reach a sender that is waiting for it.
         timeout = wait - min(_REPLY_MARGIN_MS, wait // 5)
         return await self.scripts.request(
-            self.id, r, timeout_ms=timeout, ttl_ms=r.ttl_ms or s.heartbeat_ttl_ms, now=now
+            self.id,
+            r,
+            reply_to=reply_to,
+            timeout_ms=timeout,
+            skew_ms=_MAX_SKEW_MS,
+            ttl_ms=r.ttl_ms or s.heartbeat_ttl_ms,
+            now=now,
         )
 
     async def sweep(self) -> list[tuple[str, str, str]]:
-        """Log off every session whose heartbeat deadline has passed (the seed's EXIT)."""
+        """Log off every session whose heartbeat key has expired (the seed's EXIT)."""
         removed = await self.scripts.sweep(self.id, now=self._now())
         for _sid, name, node in removed:
             log.info("%s@%s missed its heartbeat deadline: logged off", name, node)
@@ -149,45 +255,44 @@ class Coordinator:
 
     async def log_list(self, why: str) -> None:
         """The seed's `list is now: ...`, one line per change of the user list."""
-        count = int(await self.redis.hlen(self.keys.names))
+        count = int(await self.redis.hlen(self.keys.users))
         if count > _LIST_LOG_LIMIT:
             log.info("list is now: %d users (after %s)", count, why)
             return
-        names = cast(dict[str, str], await self.redis.hgetall(self.keys.names))
-        nodes = cast(dict[str, str], await self.redis.hgetall(self.keys.nodes))
-        node_of = {sid: node for node, sid in nodes.items()}
-        users = sorted(f"{name}@{node_of.get(sid, '?')}" for name, sid in names.items())
-        log.info("list is now: [%s] (after %s)", ", ".join(users), why)
-
-    async def _process(self, entries: list[tuple[str, dict[str, str]]]) -> None:
-        for entry_id, fields in entries:
+        users = cast(dict[str, str], await self.redis.hgetall(self.keys.users))
+        listed = []
+        for name, raw in sorted(users.items()):
             try:
-                await self.handle(entry_id, fields)
+                listed.append(f"{name}@{decode_user(raw)}")
+            except ProtocolError:
+                listed.append(f"{name}@?")
+        log.info("list is now: [%s] (after %s)", ", ".join(listed), why)
+
+    async def serve_batch(self) -> bool:
+        """Apply the next batch of requests; False if there was nothing to do.
+
+        The batch stays in flight (in Redis) until it is applied, so a coordinator that dies
+        halfway leaves it to the next, and `done` keys make the replay a no-op.
+        """
+        longest = max_entry_bytes(self.settings.max_message_bytes)
+        dropped, entries = await self.scripts.take(
+            self.id, most=_BATCH, budget=max(_BATCH_BYTES, longest), longest=longest
+        )
+        for _ in range(dropped):
+            self.dropped.note("longer than any request")
+        for entry in entries:
+            try:
+                await self.handle(entry)
             except (LeaseLost, RedisConnectionError, RedisTimeoutError):
                 raise
             except Exception:
-                # Acknowledged below all the same: a request that breaks the coordinator once
-                # would break it again on every reclaim.
-                log.exception("dropped request %s after an unexpected error", entry_id)
+                # Done with all the same: a request that breaks the coordinator once would
+                # break it again on every retry.
+                log.exception("dropped a request after an unexpected error")
         if entries:
-            ids = [entry_id for entry_id, _ in entries]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xack(self.keys.requests, GROUP, *ids)
-                pipe.xdel(self.keys.requests, *ids)
-                await pipe.execute()
-
-    async def take_over_pending(self) -> None:
-        """Requests read by an earlier coordinator that died before acknowledging them."""
-        start = "0-0"
-        while True:
-            result: Any = await self.redis.xautoclaim(
-                self.keys.requests, GROUP, self.id, 0, start_id=start, count=_BATCH
-            )
-            # Entries deleted while pending come back empty (Redis 6.2); skip them.
-            start, claimed = result[0], [e for e in result[1] if e and e[1] is not None]
-            await self._process(claimed)
-            if start == "0-0":  # the cursor has gone round the whole pending list
-                return
+            await self.scripts.finish(self.id, len(entries))
+        self.dropped.report()
+        return bool(entries) or dropped > 0
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -197,13 +302,11 @@ class Coordinator:
             return
         self.active = True
         self.activations += 1
-        await self.ensure_group()
-        await self.take_over_pending()
         await self.sweep()
         await self.log_list("start")
         s = self.settings
         next_lease = next_sweep = time.monotonic()
-        block_ms = max(1, int(min(s.sweep_interval, s.lease_ttl / 4) * 1000))
+        block = max(0.001, min(s.sweep_interval, s.lease_ttl / 4))
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_lease:
@@ -212,11 +315,23 @@ class Coordinator:
             if now >= next_sweep:
                 await self.sweep()
                 next_sweep = now + s.sweep_interval
-            response: Any = await self.redis.xreadgroup(
-                GROUP, self.id, {self.keys.requests: ">"}, count=_BATCH, block=block_ms
-            )
-            for _stream, entries in response or []:
-                await self._process(entries)
+            if not await self.serve_batch():
+                await self._wait_for_requests(block)
+
+    async def _wait_for_requests(self, block: float) -> None:
+        """Nothing queued: wait up to `block` seconds for a request, moved straight into flight
+        (the next batch starts with it)."""
+        started = time.monotonic()
+        moved = await self.redis.blmove(
+            self.keys.requests,
+            self.keys.inflight,
+            block,  # type: ignore[arg-type]  # Redis takes seconds with decimals
+        )
+        waited = time.monotonic() - started
+        if moved is None and waited < block / 2:
+            # A Redis (or a stand-in: fakeredis, a proxy) that does not block must not make
+            # this loop spin.
+            await asyncio.sleep(block - waited)
 
     async def shutdown(self) -> None:
         """Stopping on purpose: tell every client at once, then give the lease up.

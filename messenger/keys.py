@@ -1,29 +1,70 @@
 """Every Redis key and channel name the messenger uses, built from one prefix.
 
-Layout (docs/protocol.md has the full description):
+Layout (docs/protocol.md has the full description). Who may touch what is the point: clients
+hold a Redis user that can only push to `requests`, read `users`, refresh heartbeat keys and
+subscribe to inbox channels and `control` (docs/security.md); everything else is the
+coordinator's alone.
 
-    {p}:sessions        HASH  sid -> JSON {"name", "node", "since"}     the user list
+    client-writable (RPUSH) or readable, public:
+    {p}:requests        LIST  signed requests to the coordinator (clients push, cannot read)
+    {p}:users           HASH  name -> JSON {"node", "since"}           the public user list (who)
+    {p}:hb:{hb id}      STRING with a PX TTL, refreshed by its client   the heartbeat key
+    {p}:inbox:{inbox id} CHANNEL replies and messages for one session
+    {p}:control         CHANNEL coordinator -> every client (alive ticks, server stopping)
+
+    coordinator-only, private:
+    {p}:inflight        LIST  the batch of requests being applied (taken over on a crash)
+    {p}:sessions        HASH  sid -> JSON {"name", "node", "since", "key", "inbox", "hb"}
     {p}:names           HASH  name -> sid                                 one session per name
     {p}:nodes           HASH  node -> sid                                 one session per node
-    {p}:deadlines       ZSET  sid scored by heartbeat deadline (ms)       what the sweep reads
-    {p}:hb:{sid}        STRING with a PX TTL, refreshed by the client      the heartbeat key
-    {p}:requests        STREAM of requests to the coordinator (consumer group "coordinators")
+    {p}:deadlines       ZSET  sid scored by when to look at its heartbeat next (ms)
+    {p}:gone:{sid}      STRING JSON {"key", "inbox"} of a removed session, for a while: its
+                        client's late requests still get `you-are-not-logged-on`
     {p}:done:{req}      STRING the reply to a request already applied      makes requests idempotent
     {p}:lease           STRING coordinator id with a PX TTL                 who is the active server
-    {p}:inbox:{sid}     CHANNEL replies and messages for one session
-    {p}:control         CHANNEL coordinator -> every client (server stopping)
+
+Inbox and heartbeat ids are derived from the session's secret key (protocol.inbox_id,
+protocol.heartbeat_id), so they are unguessable, and clients can list neither keys nor channels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-GROUP = "coordinators"
-
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "messenger"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def users(self) -> str:
+        return f"{self.prefix}:users"
+
+    @property
+    def hb_prefix(self) -> str:
+        return f"{self.prefix}:hb:"
+
+    def hb(self, hb_id: str) -> str:
+        return self.hb_prefix + hb_id
+
+    @property
+    def inbox_prefix(self) -> str:
+        return f"{self.prefix}:inbox:"
+
+    def inbox(self, inbox_id: str) -> str:
+        return self.inbox_prefix + inbox_id
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}:control"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.prefix}:inflight"
 
     @property
     def sessions(self) -> str:
@@ -42,15 +83,11 @@ class Keys:
         return f"{self.prefix}:deadlines"
 
     @property
-    def hb_prefix(self) -> str:
-        return f"{self.prefix}:hb:"
+    def gone_prefix(self) -> str:
+        return f"{self.prefix}:gone:"
 
-    def hb(self, sid: str) -> str:
-        return self.hb_prefix + sid
-
-    @property
-    def requests(self) -> str:
-        return f"{self.prefix}:requests"
+    def gone(self, sid: str) -> str:
+        return self.gone_prefix + sid
 
     def done(self, req_id: str) -> str:
         return f"{self.prefix}:done:{req_id}"
@@ -58,14 +95,3 @@ class Keys:
     @property
     def lease(self) -> str:
         return f"{self.prefix}:lease"
-
-    @property
-    def inbox_prefix(self) -> str:
-        return f"{self.prefix}:inbox:"
-
-    def inbox(self, sid: str) -> str:
-        return self.inbox_prefix + sid
-
-    @property
-    def control(self) -> str:
-        return f"{self.prefix}:control"

@@ -7,8 +7,11 @@ replies and messages travel to a client as JSON on that session's inbox channel.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
+import secrets
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
@@ -96,10 +99,49 @@ def printable(text: str) -> str:
 Kind = Literal["logon", "message-to", "logoff"]
 KINDS: tuple[Kind, ...] = ("logon", "message-to", "logoff")
 
+_KEY_RE = re.compile(r"[0-9a-f]{64}")  # a session's secret: 256 random bits
+_TIME_RE = re.compile(r"[0-9]{1,15}")  # milliseconds since the epoch
+MAC_HEX = 64  # an entry starts with the HMAC-SHA256 of the rest, in hex
+# JSON may escape a text byte as six (`\u0001`); the rest of an entry is well under 1 KiB.
+_ENTRY_OVERHEAD = 1024
+
+
+def max_entry_bytes(max_text_bytes: int) -> int:
+    """The longest request entry a valid request can be (longer ones are dropped unread)."""
+    return MAC_HEX + 6 * max_text_bytes + _ENTRY_OVERHEAD
+
+
+def new_session_key() -> str:
+    """A session's secret: it signs the session's requests and names its inbox and heartbeat.
+
+    It travels once, in the logon request, which only the coordinator can read; it is stored
+    only where only the coordinator can read it.
+    """
+    return secrets.token_hex(32)
+
+
+def _derive(key: str, purpose: bytes) -> str:
+    return hmac.new(bytes.fromhex(key), purpose, hashlib.sha256).hexdigest()[:32]
+
+
+def inbox_id(key: str) -> str:
+    """The session's inbox channel id: unguessable without the key, so only its client and the
+    coordinator can subscribe to it (clients cannot list channels)."""
+    return _derive(key, b"inbox")
+
+
+def heartbeat_id(key: str) -> str:
+    """The session's heartbeat key id: only its client can refresh it."""
+    return _derive(key, b"heartbeat")
+
 
 @dataclass(frozen=True)
 class Request:
-    """One request. `sid` is the sender's session id: the fencing token the coordinator checks."""
+    """One request, signed with its session's key.
+
+    `sid` names the session (it is no secret); the signature over the whole request, its time
+    included, is what proves that the session's own client sent it.
+    """
 
     kind: Kind
     req: str
@@ -108,71 +150,110 @@ class Request:
     node: str = ""
     to: str = ""
     text: str = ""
-    sent_ms: int = 0  # Redis time at XADD, from the stream entry id; 0 until read back
+    # When it was sent, on Redis's clock (as the client reckons it from TIME): signed, so a
+    # request cannot be replayed later, and never applied after its sender stopped waiting.
+    sent_ms: int = 0
     # How long the sender waits for the reply; 0: not said (the coordinator's own timeout).
     # The coordinator never applies a request its sender has stopped waiting for.
     wait_ms: int = 0
     # logon: the client's heartbeat TTL, so its first deadline matches the ones it will set.
     ttl_ms: int = 0
+    # logon: the new session's secret key (the request is signed with it too).
+    key: str = ""
 
-    def fields(self) -> dict[str, str]:
-        """Stream fields for XADD (the entry id, hence `sent_ms`, is Redis's to choose)."""
-        out = {"k": self.kind, "req": self.req, "sid": self.sid}
+    def payload(self) -> str:
+        """The signed part of the entry: compact JSON, string values only."""
+        out = {"k": self.kind, "req": self.req, "sid": self.sid, "t": str(self.sent_ms)}
         if self.wait_ms:
             out["wait"] = str(self.wait_ms)
         if self.kind == "logon":
-            out |= {"name": self.name, "node": self.node}
+            out |= {"name": self.name, "node": self.node, "key": self.key}
             if self.ttl_ms:
                 out["ttl"] = str(self.ttl_ms)
         elif self.kind == "message-to":
             out |= {"to": self.to, "text": self.text}
-        return out
+        return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
 
-def entry_ms(entry_id: str) -> int:
-    """Milliseconds part of a stream entry id: Redis's clock when the request was added."""
-    ms, _, _seq = entry_id.partition("-")
-    try:
-        return int(ms)
-    except ValueError:
-        raise ProtocolError(f"bad stream entry id {entry_id!r}") from None
+def _number(fields: dict[str, Any], name: str, rule: re.Pattern[str], default: str | None) -> int:
+    value = fields.get(name, default)
+    if not isinstance(value, str) or not rule.fullmatch(value):
+        raise ProtocolError(f"bad {name} {printable(str(value)[:20])!r}")
+    return int(value)
 
 
-def decode_request(entry_id: str, fields: dict[str, str], max_text_bytes: int) -> Request:
-    """Decode and fully validate one stream entry; anything off raises ProtocolError."""
+def sign(payload: str, key: str) -> str:
+    return hmac.new(bytes.fromhex(key), payload.encode(), hashlib.sha256).hexdigest()
+
+
+def encode_request(request: Request, key: str) -> str:
+    """One entry of the request queue: the signature, then the payload it signs."""
+    payload = request.payload()
+    return sign(payload, key) + payload
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """A decoded entry whose signature is not checked yet (the key is the coordinator's)."""
+
+    request: Request
+    mac: str
+    payload: str
+
+    def verify(self, key: str) -> bool:
+        return hmac.compare_digest(self.mac, sign(self.payload, key))
+
+
+def decode_request(entry: str, max_text_bytes: int) -> SignedRequest:
+    """Decode and fully validate one queue entry; anything off raises ProtocolError."""
+    if len(entry) > max_entry_bytes(max_text_bytes):
+        raise ProtocolError(f"request of {len(entry)} characters: too long")
+    mac, payload = entry[:MAC_HEX], entry[MAC_HEX:]
+    if not _KEY_RE.fullmatch(mac):
+        raise ProtocolError("request without a signature")
+    fields = _json_object(payload, "request")
     kind = fields.get("k")
     if kind not in KINDS:
-        raise ProtocolError(f"unknown request kind {kind!r}")
-    req, sid = fields.get("req", ""), fields.get("sid", "")
+        raise ProtocolError(f"unknown request kind {printable(str(kind)[:20])!r}")
+    req, sid = fields.get("req"), fields.get("sid")
+    if not isinstance(req, str) or not isinstance(sid, str):
+        raise ProtocolError("request without a valid req/sid id")
     if not _ID_RE.fullmatch(req) or not _ID_RE.fullmatch(sid):
         raise ProtocolError("request without a valid req/sid id")
-    wait, ttl = fields.get("wait", "0"), fields.get("ttl", "0")
-    if not _WAIT_RE.fullmatch(wait) or not _WAIT_RE.fullmatch(ttl):
-        raise ProtocolError(f"bad wait or ttl {wait[:20]!r} {ttl[:20]!r}")
-    common: dict[str, Any] = {"sent_ms": entry_ms(entry_id), "wait_ms": int(wait)}
+    common: dict[str, Any] = {
+        "sent_ms": _number(fields, "t", _TIME_RE, None),
+        "wait_ms": _number(fields, "wait", _WAIT_RE, "0"),
+    }
+    ttl = _number(fields, "ttl", _WAIT_RE, "0")
     try:
         if kind == "logon":
-            return Request(
+            key = _field(fields, "key", "logon")
+            if not _KEY_RE.fullmatch(key):
+                raise ProtocolError("logon without a valid key")
+            request = Request(
                 kind,
                 req,
                 sid,
-                name=validate_name(fields.get("name", "")),
-                node=validate_node(fields.get("node", "")),
-                ttl_ms=int(ttl),
+                name=validate_name(_field(fields, "name", "logon")),
+                node=validate_node(_field(fields, "node", "logon")),
+                ttl_ms=ttl,
+                key=key,
                 **common,
             )
-        if kind == "message-to":
-            return Request(
+        elif kind == "message-to":
+            request = Request(
                 kind,
                 req,
                 sid,
-                to=validate_name(fields.get("to", "")),
-                text=validate_text(fields.get("text", ""), max_text_bytes),
+                to=validate_name(_field(fields, "to", "message")),
+                text=validate_text(_field(fields, "text", "message"), max_text_bytes),
                 **common,
             )
-        return Request(kind, req, sid, **common)
+        else:
+            request = Request(kind, req, sid, **common)
     except InvalidInput as e:
         raise ProtocolError(e.message) from None
+    return SignedRequest(request, mac, payload)
 
 
 # --- events (coordinator -> client, JSON on the inbox and control channels) ---------------------
@@ -197,7 +278,17 @@ class StoppingEvent:
     coordinator: str
 
 
-Event = ReplyEvent | MessageEvent | StoppingEvent
+@dataclass(frozen=True)
+class AliveEvent:
+    """The active coordinator's tick on the control channel: clients cannot read the lease, so
+    this is how they know a coordinator is there. `within_ms`: the next tick comes before that,
+    unless the coordinator is gone (so clients need not share its settings)."""
+
+    coordinator: str
+    within_ms: int
+
+
+Event = ReplyEvent | MessageEvent | StoppingEvent | AliveEvent
 
 
 def encode_event(event: Event) -> str:
@@ -205,6 +296,10 @@ def encode_event(event: Event) -> str:
         return json.dumps({"t": "reply", "req": event.req, "r": event.reply.value})
     if isinstance(event, MessageEvent):
         return json.dumps({"t": "msg", "from": event.sender, "text": event.text})
+    if isinstance(event, AliveEvent):
+        return json.dumps(
+            {"t": "alive", "coordinator": event.coordinator, "within": str(event.within_ms)}
+        )
     return json.dumps({"t": "stopping", "coordinator": event.coordinator})
 
 
@@ -242,13 +337,17 @@ def decode_event(data: str | bytes) -> Event:
         return MessageEvent(_field(obj, "from", "message"), _field(obj, "text", "message"))
     if t == "stopping":
         return StoppingEvent(_field(obj, "coordinator", "stopping event"))
+    if t == "alive":
+        within = _field(obj, "within", "alive event")
+        if not _WAIT_RE.fullmatch(within):
+            raise ProtocolError(f"bad alive interval {printable(within[:20])!r}")
+        return AliveEvent(_field(obj, "coordinator", "alive event"), int(within))
     raise ProtocolError(f"unknown event type {printable(str(t)[:40])!r}")
 
 
-def decode_session(raw: str | bytes) -> tuple[str, str]:
-    """(name, node) of one `sessions` entry; anything else raises ProtocolError."""
-    obj = _json_object(raw, "session entry")
-    return _field(obj, "name", "session entry"), _field(obj, "node", "session entry")
+def decode_user(node_json: str | bytes) -> str:
+    """The node of one entry of the public user list (`{p}:users`: name -> {"node", "since"})."""
+    return _field(_json_object(node_json, "user entry"), "node", "user entry")
 
 
 # --- the local protocol between a command and its node's client (JSON lines on a unix socket) --

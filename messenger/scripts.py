@@ -8,8 +8,9 @@ skewed clocks still agree on every deadline.
 Request scripts share one frame: they refuse to act unless the caller holds the coordinator
 lease (a fencing token: a paused old coordinator cannot act after losing it), they apply each
 request at most once (a `done` key remembers the reply), and they do not apply a request that is
-older than the reply timeout (its sender has given up). The reply is published to the sender's
-inbox from inside the script, so a reply always matches what was applied.
+older than its sender's wait (its sender has given up) or that claims to come from the future.
+The reply is published to the sender's inbox from inside the script, so a reply always matches
+what was applied. Only the coordinator runs these: clients have no right to EVAL anything.
 """
 
 from __future__ import annotations
@@ -23,37 +24,52 @@ from redis.exceptions import ResponseError
 
 from messenger.errors import LeaseLost
 from messenger.keys import Keys
-from messenger.protocol import Request
+from messenger.protocol import Request, heartbeat_id
 
+# Every request script gets the same KEYS, so that the prelude can name them:
+# KEYS[1] lease, [2] done key, [3] sessions, [4] names, [5] nodes, [6] users, [7] deadlines.
+# ARGV[1] coordinator id, [2] req id, [3] sent ms, [4] max age ms, [5] max ms in the future,
+# [6] done ttl ms, [7] now ms or '', [8] reply channel, [9] gone-key prefix, [10] gone ttl ms;
+# then the kind's own arguments from ARGV[11].
 _PRELUDE = """
 local function now_ms(arg)
   if arg ~= nil and arg ~= '' then return tonumber(arg) end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
--- Remove one session from every index; names/nodes entries are only removed if they still
--- point at this sid, so an old session can never take a newer owner's entry with it.
-local function remove_session(sessions, names, nodes, deadlines, hb_key, sid)
+local function record(raw)
+  -- A corrupt entry must not make a script fail: every field is checked before use.
+  local ok, s = pcall(cjson.decode, raw)
+  if not ok or type(s) ~= 'table' then s = {} end
+  for _, f in ipairs({'name', 'node', 'key', 'inbox', 'hb'}) do
+    if type(s[f]) ~= 'string' then s[f] = nil end
+  end
+  return s
+end
+-- Remove one session from every index; names/nodes/users entries are only removed if they
+-- still point at this sid, so an old session can never take a newer owner's entry with it.
+-- Its key and inbox are kept for a while under gone:<sid>, so that its client's late
+-- requests can still be verified and told `you-are-not-logged-on`.
+local function remove_session(sessions, names, nodes, users, deadlines, sid, gone, gone_ttl)
   local raw = redis.call('HGET', sessions, sid)
   if not raw then return nil end
-  -- A corrupt entry (written by something else) must not make every sweep fail: remove what
-  -- can be found; a names/nodes entry left pointing at nothing is overwritten by the next logon.
-  local ok, s = pcall(cjson.decode, raw)
-  if not ok or type(s) ~= 'table' or type(s.name) ~= 'string' or type(s.node) ~= 'string' then
-    s = {name = '?', node = '?'}
+  local s = record(raw)
+  local name, node = s.name or '?', s.node or '?'
+  if redis.call('HGET', names, name) == sid then
+    redis.call('HDEL', names, name)
+    redis.call('HDEL', users, name)
   end
-  if redis.call('HGET', names, s.name) == sid then redis.call('HDEL', names, s.name) end
-  if redis.call('HGET', nodes, s.node) == sid then redis.call('HDEL', nodes, s.node) end
+  if redis.call('HGET', nodes, node) == sid then redis.call('HDEL', nodes, node) end
   redis.call('HDEL', sessions, sid)
   redis.call('ZREM', deadlines, sid)
-  redis.call('DEL', hb_key)
-  return s
+  if s.hb then redis.call('DEL', s.hb) end
+  if s.key and s.inbox then
+    redis.call('SET', gone .. sid, cjson.encode({key = s.key, inbox = s.inbox}), 'PX', gone_ttl)
+  end
+  return {name = name, node = node}
 end
 """
 
-# KEYS[1] lease, KEYS[2] done key; ARGV[1] coordinator id, ARGV[2] req id, ARGV[3] sent ms,
-# ARGV[4] max age ms (the sender's wait less a margin), ARGV[5] done ttl ms,
-# ARGV[6] now ms or '', ARGV[7] reply channel.
 _REQUEST_HEAD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
@@ -61,38 +77,42 @@ end
 local done = redis.call('GET', KEYS[2])
 if done then
   if done ~= 'expired' then
-    redis.call('PUBLISH', ARGV[7], cjson.encode({t='reply', req=ARGV[2], r=done}))
+    redis.call('PUBLISH', ARGV[8], cjson.encode({t='reply', req=ARGV[2], r=done}))
   end
   return done
 end
-local now = now_ms(ARGV[6])
-if now - tonumber(ARGV[3]) > tonumber(ARGV[4]) then
-  redis.call('SET', KEYS[2], 'expired', 'PX', ARGV[5])
+local now = now_ms(ARGV[7])
+local age = now - tonumber(ARGV[3])
+if age > tonumber(ARGV[4]) or -age > tonumber(ARGV[5]) then
+  redis.call('SET', KEYS[2], 'expired', 'PX', ARGV[6])
   return 'expired'
 end
+local gone, gone_ttl = ARGV[9], tonumber(ARGV[10])
 local reply
 """
 
 _REQUEST_TAIL = """
-redis.call('SET', KEYS[2], reply, 'PX', ARGV[5])
-redis.call('PUBLISH', ARGV[7], cjson.encode({t='reply', req=ARGV[2], r=reply}))
+redis.call('SET', KEYS[2], reply, 'PX', ARGV[6])
+redis.call('PUBLISH', ARGV[8], cjson.encode({t='reply', req=ARGV[2], r=reply}))
 return reply
 """
 
-# KEYS[3] sessions, KEYS[4] names, KEYS[5] nodes, KEYS[6] deadlines, KEYS[7] hb key
-# ARGV[8] sid, ARGV[9] name, ARGV[10] node, ARGV[11] heartbeat ttl ms, ARGV[12] inbox prefix,
-# ARGV[13] hb key prefix
+# ARGV[11] sid, [12] name, [13] node, [14] heartbeat ttl ms, [15] key, [16] inbox channel,
+# [17] heartbeat key
 _LOGON = """
-local sid, name, node, ttl = ARGV[8], ARGV[9], ARGV[10], tonumber(ARGV[11])
+local sid, name, node, ttl = ARGV[11], ARGV[12], ARGV[13], tonumber(ARGV[14])
 -- A session whose client holds no subscription on its inbox any more is dead for good: Redis
 -- drops a closed connection's subscriptions at once, and clients never resubscribe. Clearing it
 -- here (not only at its deadline) lets a node or name whose client crashed log on again at once,
 -- while a hung client (its connection still open) keeps its session until the sweep.
 -- An index entry whose session is gone is stale: the new session's entries overwrite it.
 local function taken(owner)
-  if not owner or redis.call('HEXISTS', KEYS[3], owner) == 0 then return false end
-  if redis.call('PUBSUB', 'NUMSUB', ARGV[12] .. owner)[2] > 0 then return true end
-  remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[13] .. owner, owner)
+  if not owner then return false end
+  local raw = redis.call('HGET', KEYS[3], owner)
+  if not raw then return false end
+  local inbox = record(raw).inbox
+  if inbox and redis.call('PUBSUB', 'NUMSUB', inbox)[2] > 0 then return true end
+  remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], owner, gone, gone_ttl)
   return false
 end
 if redis.call('HEXISTS', KEYS[3], sid) == 1 or taken(redis.call('HGET', KEYS[5], node)) then
@@ -100,29 +120,31 @@ if redis.call('HEXISTS', KEYS[3], sid) == 1 or taken(redis.call('HGET', KEYS[5],
 elseif taken(redis.call('HGET', KEYS[4], name)) then
   reply = 'user-exists-at-other-node'
 else
-  redis.call('HSET', KEYS[3], sid, cjson.encode({name=name, node=node, since=now}))
+  redis.call('HSET', KEYS[3], sid, cjson.encode({name=name, node=node, since=now,
+                                                 key=ARGV[15], inbox=ARGV[16], hb=ARGV[17]}))
   redis.call('HSET', KEYS[4], name, sid)
   redis.call('HSET', KEYS[5], node, sid)
-  redis.call('ZADD', KEYS[6], now + ttl, sid)
-  redis.call('SET', KEYS[7], '1', 'PX', ttl)
+  redis.call('HSET', KEYS[6], name, cjson.encode({node=node, since=now}))
+  redis.call('ZADD', KEYS[7], now + ttl, sid)
+  redis.call('SET', ARGV[17], '1', 'PX', ttl)
   reply = 'logged-on'
 end
 """
 
-# KEYS[3] sessions, KEYS[4] names; ARGV[8] sid, ARGV[9] to, ARGV[10] text, ARGV[11] inbox prefix
+# ARGV[11] sid, [12] to, [13] text
 _MESSAGE = """
-local raw = redis.call('HGET', KEYS[3], ARGV[8])
+local raw = redis.call('HGET', KEYS[3], ARGV[11])
 if not raw then
   reply = 'you-are-not-logged-on'
 else
-  local to_sid = redis.call('HGET', KEYS[4], ARGV[9])
-  if not to_sid or redis.call('HEXISTS', KEYS[3], to_sid) == 0 then
+  local to_sid = redis.call('HGET', KEYS[4], ARGV[12])
+  local to_raw = to_sid and redis.call('HGET', KEYS[3], to_sid)
+  local inbox = to_raw and record(to_raw).inbox
+  if not inbox then
     reply = 'receiver-not-found'
   else
-    local ok, s = pcall(cjson.decode, raw)
-    local from = ok and type(s) == 'table' and s.name or '?'
-    local n = redis.call('PUBLISH', ARGV[11] .. to_sid,
-                         cjson.encode({t='msg', from=from, text=ARGV[10]}))
+    local n = redis.call('PUBLISH', inbox,
+                         cjson.encode({t='msg', from=record(raw).name or '?', text=ARGV[13]}))
     -- PUBLISH counts the subscribers that got it: 0 means the receiver's client is gone,
     -- and a message that reached nobody is never reported sent.
     if n > 0 then reply = 'sent' else reply = 'receiver-not-found' end
@@ -130,57 +152,101 @@ else
 end
 """
 
-# KEYS[3] sessions, KEYS[4] names, KEYS[5] nodes, KEYS[6] deadlines, KEYS[7] hb key; ARGV[8] sid
+# ARGV[11] sid
 _LOGOFF = """
-if remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[8]) then
+if remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[11], gone, gone_ttl) then
   reply = 'logged-off'
 else
   reply = 'not-logged-on'
 end
 """
 
-# KEYS[1] lease, KEYS[2] sessions, KEYS[3] names, KEYS[4] nodes, KEYS[5] deadlines
-# ARGV[1] coordinator id, ARGV[2] now ms or '', ARGV[3] limit, ARGV[4] hb key prefix
-# Returns {sid, name, node, ...} of the sessions removed. Its cost grows with the number of
-# expired sessions, not with all sessions.
+# KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
+# ARGV[1] coordinator id, [2] now ms or '', [3] limit, [4] gone-key prefix, [5] gone ttl ms
+# Looks only at the sessions that are due: one whose heartbeat key still lives is due again
+# when that key would expire (its PTTL); one whose key is gone is logged off. So the cost grows
+# with the sessions due, not with all sessions, and clients write nothing but their own key.
+# Returns {sid, name, node, ...} of the sessions removed.
 _SWEEP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
 local now = now_ms(ARGV[2])
-local due = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
 for _, sid in ipairs(due) do
-  local s = remove_session(KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[4] .. sid, sid)
-  if s then
-    table.insert(out, sid); table.insert(out, s.name); table.insert(out, s.node)
+  local raw = redis.call('HGET', KEYS[2], sid)
+  local hb = raw and record(raw).hb
+  local left = hb and redis.call('PTTL', hb) or -2
+  if left > 0 then
+    redis.call('ZADD', KEYS[6], now + left, sid)
   else
-    redis.call('ZREM', KEYS[5], sid)
+    local s = remove_session(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], sid,
+                             ARGV[4], tonumber(ARGV[5]))
+    if s then
+      table.insert(out, sid); table.insert(out, s.name); table.insert(out, s.node)
+    else
+      redis.call('ZREM', KEYS[6], sid)
+    end
   end
 end
 return out
 """
 
-# KEYS[1] sessions, KEYS[2] deadlines, KEYS[3] hb key, KEYS[4] lease
-# ARGV[1] sid, ARGV[2] ttl ms, ARGV[3] now ms or ''
-# Returns -1 if the session is gone (fenced: a stale client can never revive it or touch a
-# newer owner's entries), else 1 if a coordinator holds the lease, 0 if none does.
-_HEARTBEAT = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
-local now = now_ms(ARGV[3])
-local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[3], '1', 'PX', ttl)
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
-return redis.call('EXISTS', KEYS[4])
+# KEYS[1] lease, [2] requests, [3] inflight
+# ARGV[1] coordinator id, [2] most entries, [3] most bytes, [4] longest entry
+# The next batch: what is in flight already (left by a coordinator that died, or being
+# retried), then entries moved from the queue. Bounded by count and bytes, and an entry longer
+# than any valid request is dropped here, unread by the coordinator. Returns {dropped, ...}.
+_TAKE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
+end
+local most, budget, longest = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, dropped, seen = {0}, 0, 0
+for i, e in ipairs(redis.call('LRANGE', KEYS[3], 0, most - 1)) do
+  -- BLMOVE (the coordinator's wait for work) moves one entry in unchecked
+  if #e > longest then
+    redis.call('LSET', KEYS[3], i - 1, ''); e = ''; dropped = dropped + 1
+  end
+  table.insert(out, e); seen = seen + #e
+end
+while #out <= most and seen < budget do
+  local e = redis.call('LPOP', KEYS[2])
+  if not e then break end
+  seen = seen + #e
+  if #e > longest then
+    dropped = dropped + 1
+  else
+    redis.call('RPUSH', KEYS[3], e); table.insert(out, e)
+  end
+end
+out[1] = dropped
+return out
 """
 
-# KEYS[1] lease; ARGV[1] coordinator id, ARGV[2] ttl ms. Returns 1 if still held.
-_LEASE_REFRESH = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+# KEYS[1] lease, [2] inflight; ARGV[1] coordinator id, [2] how many were applied
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
-return 0
+redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
+return 1
+"""
+
+# KEYS[1] lease, [2] control channel; ARGV[1] coordinator id, [2] ttl ms, [3] alive event.
+# Takes the lease if nobody holds it, renews it if this coordinator does; returns 1 if it holds
+# it now, and then the tick tells every client that a coordinator is there.
+_LEASE_HOLD = """
+local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif holder ~= ARGV[1] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return 1
 """
 
 _LEASE_RELEASE = """
@@ -205,14 +271,20 @@ async def _run(script: AsyncScript, keys: list[str], args: list[str]) -> Any:
 class Scripts:
     """The scripts registered on one redis client; each method is one round trip."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, gone_ttl_ms: int = 300_000) -> None:
         self.keys = keys
-        self._logon = redis.register_script(_PRELUDE + _REQUEST_HEAD + _LOGON + _REQUEST_TAIL)
-        self._message = redis.register_script(_PRELUDE + _REQUEST_HEAD + _MESSAGE + _REQUEST_TAIL)
-        self._logoff = redis.register_script(_PRELUDE + _REQUEST_HEAD + _LOGOFF + _REQUEST_TAIL)
+        self.gone_ttl_ms = gone_ttl_ms
+
+        def frame(body: str) -> str:
+            return _PRELUDE + _REQUEST_HEAD + body + _REQUEST_TAIL
+
+        self._logon = redis.register_script(frame(_LOGON))
+        self._message = redis.register_script(frame(_MESSAGE))
+        self._logoff = redis.register_script(frame(_LOGOFF))
         self._sweep = redis.register_script(_PRELUDE + _SWEEP)
-        self._heartbeat = redis.register_script(_PRELUDE + _HEARTBEAT)
-        self._lease_refresh = redis.register_script(_LEASE_REFRESH)
+        self._take = redis.register_script(_TAKE)
+        self._finish = redis.register_script(_FINISH)
+        self._lease_hold = redis.register_script(_LEASE_HOLD)
         self._lease_release = redis.register_script(_LEASE_RELEASE)
 
     @staticmethod
@@ -224,37 +296,40 @@ class Scripts:
         coordinator: str,
         r: Request,
         *,
+        reply_to: str,
         timeout_ms: int,
+        skew_ms: int,
         ttl_ms: int,
         now: int | None = None,
     ) -> str:
         """Apply one request (logon, message-to or logoff); return the reply word or `expired`.
 
-        `timeout_ms` is how old (since XADD) the request may be and still be applied.
+        `reply_to` is the sender's inbox channel. `timeout_ms` is how old the request may be
+        and still be applied; `skew_ms` how far in the future its time may be.
         """
         k = self.keys
-        keys = [k.lease, k.done(r.req)]
+        keys = [k.lease, k.done(r.req), k.sessions, k.names, k.nodes, k.users, k.deadlines]
         args = [
             coordinator,
             r.req,
             str(r.sent_ms),
             str(timeout_ms),
+            str(skew_ms),
             str(2 * timeout_ms + 1000),
             self._now(now),
-            k.inbox(r.sid),
+            reply_to,
+            k.gone_prefix,
+            str(self.gone_ttl_ms),
+            r.sid,
         ]
         if r.kind == "logon":
             script = self._logon
-            keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(r.sid)]
-            args += [r.sid, r.name, r.node, str(ttl_ms), k.inbox_prefix, k.hb_prefix]
+            args += [r.name, r.node, str(ttl_ms), r.key, reply_to, k.hb(heartbeat_id(r.key))]
         elif r.kind == "message-to":
             script = self._message
-            keys += [k.sessions, k.names]
-            args += [r.sid, r.to, r.text, k.inbox_prefix]
+            args += [r.to, r.text]
         else:
             script = self._logoff
-            keys += [k.sessions, k.names, k.nodes, k.deadlines, k.hb(r.sid)]
-            args += [r.sid]
         return _text(await _run(script, keys, args))
 
     async def sweep(
@@ -265,25 +340,46 @@ class Scripts:
             Sequence[Any],
             await _run(
                 self._sweep,
-                keys=[k.lease, k.sessions, k.names, k.nodes, k.deadlines],
-                args=[coordinator, self._now(now), str(limit), k.hb_prefix],
+                keys=[k.lease, k.sessions, k.names, k.nodes, k.users, k.deadlines],
+                args=[
+                    coordinator,
+                    self._now(now),
+                    str(limit),
+                    k.gone_prefix,
+                    str(self.gone_ttl_ms),
+                ],
             ),
         )
         items = [_text(v) for v in flat]
         return [(items[i], items[i + 1], items[i + 2]) for i in range(0, len(items), 3)]
 
-    async def heartbeat(self, sid: str, ttl_ms: int, now: int | None = None) -> int:
+    async def take(
+        self, coordinator: str, *, most: int, budget: int, longest: int
+    ) -> tuple[int, list[str]]:
+        """The next batch of request entries, and how many oversized ones were dropped."""
         k = self.keys
-        return int(
-            await self._heartbeat(
-                keys=[k.sessions, k.deadlines, k.hb(sid), k.lease],
-                args=[sid, str(ttl_ms), self._now(now)],
-            )
+        flat = cast(
+            Sequence[Any],
+            await _run(
+                self._take,
+                keys=[k.lease, k.requests, k.inflight],
+                args=[coordinator, str(most), str(budget), str(longest)],
+            ),
         )
+        return int(flat[0]), [_text(v) for v in flat[1:]]
 
-    async def lease_refresh(self, coordinator: str, ttl_ms: int) -> bool:
+    async def finish(self, coordinator: str, applied: int) -> None:
+        """Forget the first `applied` entries in flight: they are done."""
+        k = self.keys
+        await _run(self._finish, keys=[k.lease, k.inflight], args=[coordinator, str(applied)])
+
+    async def lease_hold(self, coordinator: str, ttl_ms: int, alive: str) -> bool:
+        """Take or renew the lease (and tick); False if another coordinator holds it."""
+        k = self.keys
         return bool(
-            await self._lease_refresh(keys=[self.keys.lease], args=[coordinator, str(ttl_ms)])
+            await self._lease_hold(
+                keys=[k.lease, k.control], args=[coordinator, str(ttl_ms), alive]
+            )
         )
 
     async def lease_release(self, coordinator: str) -> bool:

@@ -36,11 +36,9 @@ def keys(procs: Procs) -> Keys:
     return Keys(procs.env["MESSENGER_PREFIX"])
 
 
-def plant_session(db: Any, keys: Keys, sid: str, raw: str) -> None:
-    """A session entry written by something other than the coordinator, live for a minute."""
-    db.hset(keys.sessions, sid, raw)
-    now_s, now_us = db.time()
-    db.zadd(keys.deadlines, {sid: now_s * 1000 + now_us // 1000 + 60_000})
+def plant_user(db: Any, keys: Keys, name: str, raw: str) -> None:
+    """An entry of the public user list written by something other than the coordinator."""
+    db.hset(keys.users, name, raw)
 
 
 def run_on_a_terminal(procs: Procs, *args: str) -> tuple[int, str, str]:
@@ -83,9 +81,9 @@ def test_who_skips_what_does_not_decode_and_escapes_what_it_prints(
 ) -> None:
     procs.server()
     procs.logon("alice", "n1")
-    plant_session(db, keys, "c" * 32, "{not json")
-    plant_session(db, keys, "d" * 32, json.dumps({"name": ["x"], "node": "n9"}))
-    plant_session(db, keys, "e" * 32, json.dumps({"name": "\x1b[2J\rmallory", "node": "n\nx y"}))
+    plant_user(db, keys, "carol", "{not json")
+    plant_user(db, keys, "dave", json.dumps({"node": ["x"]}))
+    plant_user(db, keys, "\x1b[2J\rmallory", json.dumps({"node": "n\nx y"}))
     code, out, err = procs.run("who")
     assert code == 0, err
     assert out == ["\\x1b[2J\\x0dmallory  n\\x0ax y", "alice               n1"]
@@ -114,7 +112,7 @@ def test_who_with_nobody_on_a_pipe_prints_nothing(procs: Procs) -> None:
 
 def test_coordinator_log_lines_cannot_be_forged(procs: Procs, db: Any, keys: Keys) -> None:
     server = procs.server()
-    db.hset(keys.names, "evil\n2026-01-01 00:00:00 INFO forged line", "f" * 32)
+    db.hset(keys.users, "evil\n2026-01-01 00:00:00 INFO forged line", json.dumps({"node": "x"}))
     procs.logon("alice", "n1")
     line = server.wait_line("list is now: .*alice@n1", 10, stderr=True)
     assert "evil\\x0a2026-01-01 00:00:00 INFO forged line" in line

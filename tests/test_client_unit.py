@@ -26,7 +26,7 @@ from messenger.errors import (
     Rejected,
 )
 from messenger.keys import Keys
-from messenger.protocol import Reply
+from messenger.protocol import AliveEvent, Reply, encode_event
 from messenger.settings import Settings
 
 FAST = {
@@ -149,8 +149,8 @@ async def test_bad_input_is_refused_before_anything_is_sent(
 async def test_removed_session_stops_the_client(coordinator: Coordinator, nodes: Any) -> None:
     alice = nodes("alice", "n1")
     await alice.start()
-    k = Keys("c")
-    await coordinator.redis.hdel(k.sessions, alice.client.sid)
+    # What the coordinator's removal does to the client's side: its heartbeat key is gone.
+    await coordinator.redis.delete(alice.client.hb_key)
     reason = await alice.result()
     assert isinstance(reason, Rejected)
     assert reason.message == Reply.YOU_ARE_NOT_LOGGED_ON
@@ -164,15 +164,33 @@ async def test_no_coordinator_at_logon_is_noconnection(
 
 
 async def test_silent_coordinator_is_no_response(server: fakeredis.FakeServer, nodes: Any) -> None:
-    # A lease is held but nobody serves the stream: the seed's 5 s wait, here 0.5 s.
+    # A coordinator ticks (it is there) but serves no request: the seed's 5 s wait, here 0.5 s.
     r = redis_of(server)
-    await r.set(Keys("c").lease, "someone", px=10_000)
+
+    async def tick() -> None:
+        while True:
+            await r.publish(Keys("c").control, encode_event(AliveEvent("someone", 1000)))
+            await asyncio.sleep(0.1)
+
+    ticking = asyncio.create_task(tick())
     alice = nodes("alice", "n1")
     loop = asyncio.get_running_loop()
     start = loop.time()
     with pytest.raises(NoResponse):
         await alice.client.logon()
     assert 0.5 <= loop.time() - start < 2.0
+    ticking.cancel()
+    await r.aclose()
+
+
+async def test_a_coordinator_that_stops_ticking_is_noconnection(
+    server: fakeredis.FakeServer, nodes: Any
+) -> None:
+    # The lease is held, but clients cannot read it: only ticks tell them someone is there.
+    r = redis_of(server)
+    await r.set(Keys("c").lease, "someone", px=10_000)
+    with pytest.raises(NoConnection, match="noconnection"):
+        await nodes("alice", "n1").client.logon()
     await r.aclose()
 
 
@@ -287,35 +305,35 @@ async def _unretrieved_future_logged(caplog: pytest.LogCaptureFixture) -> bool:
     return "never retrieved" in caplog.text
 
 
-async def test_a_failing_xadd_is_noconnection_with_the_reason(
+async def test_a_failing_push_is_noconnection_with_the_reason(
     coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alice = nodes("alice", "n1")
     await alice.start()
 
-    async def failing_xadd(*args: Any, **kwargs: Any) -> None:
+    async def failing_push(*args: Any, **kwargs: Any) -> None:
         raise ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")
 
-    monkeypatch.setattr(alice.client.redis, "xadd", failing_xadd)
+    monkeypatch.setattr(alice.client.redis, "rpush", failing_push)
     with pytest.raises(NoConnection) as caught:
         await alice.client.send("bob", "hi")
     assert "WRONGTYPE" in caught.value.detail
     assert isinstance(await alice.result(), NoConnection)
 
 
-async def test_a_stop_while_the_xadd_is_in_flight_says_why_and_nothing_else(
+async def test_a_stop_while_the_push_is_in_flight_says_why_and_nothing_else(
     coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     # After SIGCONT: the heartbeat learns the session is gone and stops the client, whose
-    # close() then breaks the connection under a request's XADD.
+    # close() then breaks the connection under a request's RPUSH.
     alice = nodes("alice", "n1")
     await alice.start()
 
-    async def xadd_cut_by_a_stop(*args: Any, **kwargs: Any) -> None:
+    async def push_cut_by_a_stop(*args: Any, **kwargs: Any) -> None:
         alice.client.stop(Rejected(Reply.YOU_ARE_NOT_LOGGED_ON))
         raise RedisConnectionError("Connection closed by server.")
 
-    monkeypatch.setattr(alice.client.redis, "xadd", xadd_cut_by_a_stop)
+    monkeypatch.setattr(alice.client.redis, "rpush", push_cut_by_a_stop)
     with pytest.raises(Rejected, match="you-are-not-logged-on"):
         await alice.client.send("bob", "hi")
     assert not await _unretrieved_future_logged(caplog)

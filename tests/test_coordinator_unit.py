@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import fakeredis
@@ -14,9 +15,17 @@ import pytest
 
 from messenger.coordinator import Coordinator
 from messenger.errors import LeaseLost
-from messenger.keys import GROUP, Keys
-from messenger.protocol import Reply, Request
-from messenger.scripts import Scripts
+from messenger.keys import Keys
+from messenger.protocol import (
+    AliveEvent,
+    Reply,
+    Request,
+    decode_event,
+    encode_request,
+    heartbeat_id,
+    inbox_id,
+    new_session_key,
+)
 from messenger.settings import Settings
 
 T0 = 1_000_000_000_000
@@ -61,9 +70,38 @@ def sid() -> str:
     return secrets.token_hex(16)
 
 
+# sid -> the session's secret key, as its client holds it (a new one for every test).
+KEY_OF: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keys() -> None:
+    KEY_OF.clear()
+
+
+def inbox_of(session: str) -> str:
+    return Keys("u").inbox(inbox_id(KEY_OF[session]))
+
+
+def hb_of(session: str) -> str:
+    return Keys("u").hb(heartbeat_id(KEY_OF[session]))
+
+
+def entry(r: Request, sent_ms: int) -> str:
+    """The queue entry a client would push: signed with its session's key."""
+    if r.kind == "logon" and not r.key:
+        r = replace(r, key=KEY_OF.setdefault(r.sid, new_session_key()))
+    key = KEY_OF.get(r.sid) or new_session_key()  # an unknown session signs with anything
+    return encode_request(replace(r, sent_ms=sent_ms), key)
+
+
 async def handle(c: Coordinator, clock: FakeClock, r: Request, sent_ms: int | None = None) -> Any:
-    entry = f"{clock.now if sent_ms is None else sent_ms}-0"
-    return await c.handle(entry, r.fields())
+    return await c.handle(entry(r, clock.now if sent_ms is None else sent_ms))
+
+
+async def expire(redis: Any, session: str) -> None:
+    """What a heartbeat TTL running out does (fakeredis's TTLs follow the real clock)."""
+    await redis.delete(hb_of(session))
 
 
 _LISTENING: list[Any] = []
@@ -81,18 +119,23 @@ async def logon(
 ) -> tuple[str, Any]:
     """Log on like a client does: subscribed to its inbox first, unless it is to be dead."""
     s = sid()
+    KEY_OF[s] = new_session_key()
     if alive:
         inbox = c.redis.pubsub()
-        await inbox.subscribe(Keys("u").inbox(s))
+        await inbox.subscribe(inbox_of(s))
         _LISTENING.append(inbox)
     return s, await handle(c, clock, Request("logon", sid(), s, name=name, node=node))
 
 
 async def users(redis: Any) -> dict[str, str]:
+    """The public user list, checked against the private indexes it must agree with."""
     k = Keys("u")
+    public: dict[str, str] = await redis.hgetall(k.users)
     names: dict[str, str] = await redis.hgetall(k.names)
     sessions: dict[str, str] = await redis.hgetall(k.sessions)
-    return {name: json.loads(sessions[s])["node"] for name, s in names.items()}
+    private = {name: json.loads(sessions[s])["node"] for name, s in names.items()}
+    assert {name: json.loads(v)["node"] for name, v in public.items()} == private
+    return private
 
 
 # --- point 1: logon rules -------------------------------------------------------------------
@@ -161,14 +204,13 @@ async def test_message_sent_only_when_someone_listens(
 ) -> None:
     a, _ = await logon(coord, clock, "alice", "n1")
     b, _ = await logon(coord, clock, "bob", "n2", alive=False)
-    k = Keys("u")
     # bob's client is not subscribed (crashed): nobody got it, so it is not `sent`
     assert (
         await handle(coord, clock, Request("message-to", sid(), a, to="bob", text="x"))
         == Reply.RECEIVER_NOT_FOUND
     )
     inbox = redis.pubsub()
-    await inbox.subscribe(k.inbox(b))
+    await inbox.subscribe(inbox_of(b))
     assert (
         await handle(coord, clock, Request("message-to", sid(), a, to="bob", text="hi"))
         == Reply.SENT
@@ -196,8 +238,9 @@ async def test_reply_is_published_to_the_senders_inbox(
     coord: Coordinator, clock: FakeClock, redis: Any
 ) -> None:
     session = sid()
+    KEY_OF[session] = new_session_key()
     inbox = redis.pubsub()
-    await inbox.subscribe(Keys("u").inbox(session))
+    await inbox.subscribe(inbox_of(session))
     req = Request("logon", sid(), session, name="alice", node="n1")
     await handle(coord, clock, req)
     got = [json.loads(m) async for m in _drain(inbox)]
@@ -208,14 +251,28 @@ async def test_reply_is_published_to_the_senders_inbox(
 # --- point 3: unknown senders and fencing ---------------------------------------------------
 
 
-async def test_unknown_sender_is_told_it_is_not_logged_on(
+async def test_a_request_of_a_session_nobody_knows_is_dropped_unanswered(
     coord: Coordinator, clock: FakeClock
 ) -> None:
     await logon(coord, clock, "bob", "n2")
+    # Nothing can verify it, and there is no inbox to answer to.
     assert (
-        await handle(coord, clock, Request("message-to", sid(), sid(), to="bob", text="x"))
-        == Reply.YOU_ARE_NOT_LOGGED_ON
+        await handle(coord, clock, Request("message-to", sid(), sid(), to="bob", text="x")) is None
     )
+
+
+async def test_a_removed_sessions_late_request_is_told_it_is_not_logged_on(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await logon(coord, clock, "bob", "n2")
+    await expire(redis, a)
+    clock.advance(10)
+    assert [n for _, n, _ in await coord.sweep()] == ["alice"]
+    fresh = Coordinator(redis, coord.settings, clock=clock, coordinator_id=coord.id)
+    for c in (coord, fresh):  # whether it remembers alice or reads what Redis keeps of her
+        late = Request("message-to", sid(), a, to="bob", text="x")
+        assert await handle(c, clock, late) == Reply.YOU_ARE_NOT_LOGGED_ON
 
 
 async def test_stale_session_cannot_revive_refresh_or_log_off_the_new_owner(
@@ -223,13 +280,14 @@ async def test_stale_session_cannot_revive_refresh_or_log_off_the_new_owner(
 ) -> None:
     old, _ = await logon(coord, clock, "alice", "n1")
     clock.advance(settings.heartbeat_ttl + 0.001)
+    await expire(redis, old)
     assert [n for _, n, _ in await coord.sweep()] == ["alice"]
     new, reply = await logon(coord, clock, "alice", "n2")
     assert reply == Reply.LOGGED_ON
-    scripts = Scripts(redis, Keys("u"))
     deadline_before = await redis.zscore(Keys("u").deadlines, new)
-    # the old client's heartbeat is refused and touches nothing
-    assert await scripts.heartbeat(old, settings.heartbeat_ttl_ms, clock.now + 500) == -1
+    # the old client's heartbeat cannot bring its key back, and touches nothing else
+    assert not await redis.pexpire(hb_of(old), settings.heartbeat_ttl_ms)
+    assert not await redis.exists(hb_of(old))
     assert await redis.zscore(Keys("u").deadlines, new) == deadline_before
     assert await redis.zscore(Keys("u").deadlines, old) is None
     # the old client's logoff and messages are refused; the new owner stays
@@ -254,24 +312,25 @@ async def test_old_node_entry_is_not_removed_by_a_stale_session(
 # --- point 4: heartbeats and the sweep ------------------------------------------------------
 
 
-async def test_sweep_logs_off_exactly_the_sessions_past_their_deadline(
+async def test_sweep_logs_off_exactly_the_sessions_whose_heartbeat_key_expired(
     coord: Coordinator, clock: FakeClock, redis: Any, settings: Settings
 ) -> None:
-    scripts = Scripts(redis, Keys("u"))
     a, _ = await logon(coord, clock, "alice", "n1")
     b, _ = await logon(coord, clock, "bob", "n2")
-    for _ in range(5):  # alice keeps beating, bob has stopped
-        clock.advance(settings.heartbeat_interval)
-        assert await scripts.heartbeat(a, settings.heartbeat_ttl_ms, clock.now) == 1
-        removed = await coord.sweep()
-        if removed:
-            break
-    assert removed == [(b, "bob", "n2")]
-    # bob went at the first sweep after his deadline (logon + TTL), not before
-    assert clock.now - T0 == settings.heartbeat_ttl_ms
+    k = Keys("u")
+    clock.advance(settings.heartbeat_ttl - 0.001)
+    assert await coord.sweep() == []  # nobody is due yet: nothing looked at
+    clock.advance(0.002)
+    assert await redis.pexpire(hb_of(a), settings.heartbeat_ttl_ms)  # alice keeps beating
+    await expire(redis, b)  # bob has stopped
+    assert await coord.sweep() == [(b, "bob", "n2")]
     assert await users(redis) == {"alice": "n1"}
-    assert not await redis.exists(Keys("u").hb(b))
-    assert await redis.exists(Keys("u").hb(a))
+    assert not await redis.exists(hb_of(b))
+    # alice is due again when her key would run out, not before
+    due = await redis.zscore(k.deadlines, a)
+    assert (
+        clock.now + settings.heartbeat_ttl_ms - 100 < due <= clock.now + settings.heartbeat_ttl_ms
+    )
 
 
 async def test_sweep_before_deadline_removes_nothing(
@@ -292,14 +351,19 @@ async def test_clean_logoff_removes_at_once(
     assert (await logon(coord, clock, "alice", "n2"))[1] == Reply.LOGGED_ON
 
 
-async def test_heartbeat_reports_a_missing_coordinator(
-    coord: Coordinator, clock: FakeClock, redis: Any, settings: Settings
+async def test_the_lease_refresh_ticks_on_the_control_channel(
+    coord: Coordinator, redis: Any
 ) -> None:
-    a, _ = await logon(coord, clock, "alice", "n1")
-    scripts = Scripts(redis, Keys("u"))
-    assert await scripts.heartbeat(a, settings.heartbeat_ttl_ms, clock.now) == 1
-    await scripts.lease_release(coord.id)
-    assert await scripts.heartbeat(a, settings.heartbeat_ttl_ms, clock.now) == 0
+    control = redis.pubsub()
+    await control.subscribe(Keys("u").control)
+    await coord.refresh_lease()
+    ticks = [decode_event(m) async for m in _drain(control)]
+    assert ticks == [AliveEvent(coord.id, 2000 + 500 + 250)]  # lease TTL + a refresh + margin
+    await redis.set(Keys("u").lease, "another", px=5000)
+    with pytest.raises(LeaseLost):
+        await coord.refresh_lease()
+    assert [m async for m in _drain(control)] == []  # and one without the lease is silent
+    await control.aclose()
 
 
 # --- point 5 / requests that outlive their sender -------------------------------------------
@@ -343,10 +407,11 @@ async def test_a_request_is_applied_at_most_once(
     a, _ = await logon(coord, clock, "alice", "n1")
     b, _ = await logon(coord, clock, "bob", "n2")
     inbox = redis.pubsub()
-    await inbox.subscribe(Keys("u").inbox(b))
+    await inbox.subscribe(inbox_of(b))
     req = Request("message-to", sid(), a, to="bob", text="once")
-    assert await handle(coord, clock, req) == Reply.SENT
-    assert await handle(coord, clock, req) == Reply.SENT  # replayed (e.g. reclaimed): same reply
+    raw = entry(req, clock.now)
+    assert await coord.handle(raw) == Reply.SENT
+    assert await coord.handle(raw) == Reply.SENT  # replayed (e.g. taken over): same reply
     got = [json.loads(m)["text"] async for m in _drain(inbox)]
     assert got == ["once"]
     await inbox.aclose()
@@ -356,25 +421,31 @@ async def test_a_request_is_applied_at_most_once(
 
 
 @pytest.mark.parametrize(
-    "fields",
+    "raw",
     [
-        {"garbage": "yes"},
-        {"k": "logon", "req": "x", "sid": "y"},
-        {"k": "message-to", "req": "a" * 32, "sid": "b" * 32, "to": "*", "text": "x"},
-        {"k": "logon", "req": "a" * 32, "sid": "b" * 32, "name": "\x1b[2J", "node": "n1"},
+        "garbage",
+        "0" * 64 + json.dumps({"garbage": "yes"}),
+        "0" * 64 + json.dumps({"k": "logon", "req": "x", "sid": "y", "t": "1"}),
+        "0" * 64 + json.dumps({"k": "message-to", "req": "a" * 32, "sid": "b" * 32, "t": "1"}),
+        "0" * 64 + "[" * 100_000,
     ],
 )
 async def test_malformed_request_is_logged_and_dropped(
-    coord: Coordinator,
-    clock: FakeClock,
-    redis: Any,
-    fields: dict[str, str],
-    caplog: pytest.LogCaptureFixture,
+    coord: Coordinator, clock: FakeClock, raw: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "messenger.coordinator")
-    assert await coord.handle(f"{clock.now}-0", fields) is None
+    assert await coord.handle(raw) is None
     assert "dropped malformed request" in caplog.text
     assert (await logon(coord, clock, "alice", "n1"))[1] == Reply.LOGGED_ON
+
+
+async def test_a_request_signed_with_another_key_is_dropped(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    forged = encode_request(Request("logoff", sid(), a, sent_ms=clock.now), new_session_key())
+    assert await coord.handle(forged) is None
+    assert await users(redis) == {"alice": "n1"}
 
 
 async def test_each_change_of_the_list_is_logged(
@@ -382,9 +453,10 @@ async def test_each_change_of_the_list_is_logged(
 ) -> None:
     caplog.set_level(logging.INFO, "messenger.coordinator")
     a, _ = await logon(coord, clock, "alice", "n1")
-    await logon(coord, clock, "bob", "n2")
+    b, _ = await logon(coord, clock, "bob", "n2")
     await handle(coord, clock, Request("logoff", sid(), a))
     clock.advance(settings.heartbeat_ttl + 1)
+    await expire(coord.redis, b)
     await coord.sweep()
     lines = [r.getMessage() for r in caplog.records if "list is now" in r.getMessage()]
     assert [line.split(" (")[0] for line in lines] == [
@@ -404,15 +476,15 @@ async def test_a_new_coordinator_resumes_from_redis(
     first = Coordinator(redis, settings, clock=clock)
     assert await first.try_acquire_lease()
     a, _ = await logon(first, clock, "alice", "n1")
-    await logon(first, clock, "bob", "n2")
+    b, _ = await logon(first, clock, "bob", "n2")
     await redis.delete(Keys("u").lease)  # the first one died; its lease expired
     second = Coordinator(redis, settings, clock=clock)
     assert await second.try_acquire_lease()
     assert (await logon(second, clock, "alice", "n3"))[1] == Reply.USER_EXISTS
     # bob's client died with the first coordinator: swept, not a ghost; alice kept beating
-    clock.advance(settings.heartbeat_ttl / 2)
-    await Scripts(redis, Keys("u")).heartbeat(a, settings.heartbeat_ttl_ms, clock.now)
-    clock.advance(settings.heartbeat_ttl / 2 + 0.001)
+    clock.advance(settings.heartbeat_ttl + 0.001)
+    assert await redis.pexpire(hb_of(a), settings.heartbeat_ttl_ms)
+    await expire(redis, b)
     assert [n for _, n, _ in await second.sweep()] == ["bob"]
     assert await users(redis) == {"alice": "n1"}
     # and the first can no longer act
@@ -441,12 +513,20 @@ async def test_a_coordinator_that_lost_its_lease_stands_by_and_returns(
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(until(lambda: _eq(holder(), c.id)), 2)
+    await asyncio.wait_for(until(_async(lambda: c.active)), 2)
     await redis.set(k.lease, "usurper", px=300)  # another took over while this one was paused
     await asyncio.wait_for(until(lambda: _eq(holder(), c.id)), 3)  # and came back after it
     assert "lost the lease; standing by" in caplog.text
     assert not task.done()
     stop.set()
     await asyncio.wait_for(task, 2)
+
+
+def _async(f: Any) -> Any:
+    async def check() -> bool:
+        return bool(f())
+
+    return check
 
 
 async def _eq(value: Any, expected: str) -> bool:
@@ -466,35 +546,47 @@ async def test_the_first_deadline_uses_the_clients_own_ttl(
     assert await redis.zscore(Keys("u").deadlines, bob) == T0 + 3_000
 
 
-async def test_requests_a_dead_coordinator_left_pending_are_served_once(
+async def test_requests_a_dead_coordinator_left_in_flight_are_served_once(
     redis: Any, settings: Settings, clock: FakeClock
 ) -> None:
     k = Keys("u")
     first = Coordinator(redis, settings, clock=clock)
     assert await first.try_acquire_lease()
-    await first.ensure_group()
     a, _ = await logon(first, clock, "alice", "n1")
     b, _ = await logon(first, clock, "bob", "n2")
     inbox = redis.pubsub()
-    await inbox.subscribe(k.inbox(b))
-    # Two requests reach the first coordinator; it applies one, then dies before acknowledging.
-    applied = Request("message-to", sid(), a, to="bob", text="applied")
-    unread = Request("message-to", sid(), a, to="bob", text="unread")
-    for r in (applied, unread):
-        await redis.xadd(k.requests, r.fields(), id=f"{clock.now}-*")
-    read: Any = await redis.xreadgroup(GROUP, first.id, {k.requests: ">"}, count=10)
-    entry_id, fields = read[0][1][0]
-    assert await first.handle(entry_id, fields) == Reply.SENT
+    await inbox.subscribe(inbox_of(b))
+    # Two requests reach the first coordinator; it applies one, then dies before finishing.
+    for text in ("applied", "unread"):
+        message = Request("message-to", sid(), a, to="bob", text=text)
+        await redis.rpush(k.requests, entry(message, clock.now))
+    _, batch = await first.scripts.take(first.id, most=10, budget=1 << 20, longest=1 << 20)
+    assert len(batch) == 2
+    assert await first.handle(batch[0]) == Reply.SENT
     await redis.delete(k.lease)  # its lease runs out
 
     second = Coordinator(redis, settings, clock=clock)
     assert await second.try_acquire_lease()
-    await second.take_over_pending()
+    assert await second.serve_batch()
     got = [json.loads(m)["text"] async for m in _drain(inbox)]
     assert got == ["applied", "unread"]  # each exactly once
-    assert await redis.xlen(k.requests) == 0
-    assert (await redis.xpending(k.requests, GROUP))["pending"] == 0
+    assert await redis.llen(k.requests) == 0
+    assert await redis.llen(k.inflight) == 0
+    assert not await second.serve_batch()  # nothing left
     await inbox.aclose()
+
+
+async def test_a_batch_is_bounded_and_oversized_entries_are_dropped_unread(
+    coord: Coordinator, redis: Any
+) -> None:
+    k = Keys("u")
+    await redis.rpush(k.requests, "x" * 5000, *[f"e{i}" for i in range(10)])
+    dropped, batch = await coord.scripts.take(coord.id, most=4, budget=1 << 20, longest=1000)
+    assert (dropped, batch) == (1, ["e0", "e1", "e2", "e3"])
+    await coord.scripts.finish(coord.id, 4)
+    dropped, batch = await coord.scripts.take(coord.id, most=100, budget=8, longest=1000)
+    assert (dropped, batch) == (0, ["e4", "e5", "e6", "e7"])  # stops once it has 8 bytes
+    assert await redis.llen(k.requests) == 2
 
 
 @pytest.mark.parametrize("garbage", ["not json", "[]", '{"name": 5}', "{}"])
@@ -504,7 +596,8 @@ async def test_a_corrupt_session_entry_does_not_stop_the_sweep(
     k = Keys("u")
     bad, _ = await logon(coord, clock, "mallory", "n9")
     await redis.hset(k.sessions, bad, garbage)
-    await logon(coord, clock, "alice", "n1")
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await expire(redis, a)
     clock.advance(settings.heartbeat_ttl + 0.001)
     removed = await coord.sweep()
     assert sorted(n for _, n, _ in removed) == ["?", "alice"]
@@ -558,8 +651,7 @@ async def test_the_active_one_that_stops_tells_the_clients(redis: Any, settings:
         await asyncio.sleep(0.01)
     stop.set()
     await asyncio.wait_for(task, 2)
-    msg = await control.get_message(timeout=1)
-    assert msg is not None
-    assert json.loads(msg["data"])["t"] == "stopping"
+    events = [json.loads(m)["t"] async for m in _drain(control)]
+    assert events[-1] == "stopping"  # after the alive ticks of a coordinator that was serving
     assert not await redis.exists(k.lease)
     await control.aclose()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from messenger.errors import InvalidInput, ProtocolError
 from messenger.protocol import (
+    AliveEvent,
     MessageEvent,
     Reply,
     ReplyEvent,
@@ -20,8 +21,12 @@ from messenger.protocol import (
     decode_local_request,
     decode_request,
     encode_event,
-    entry_ms,
+    encode_request,
+    heartbeat_id,
+    inbox_id,
+    max_entry_bytes,
     printable,
+    sign,
     validate_name,
     validate_node,
     validate_text,
@@ -73,45 +78,82 @@ def test_printable_escapes_terminal_control() -> None:
     assert printable("a\u2028b\ud800") == "a\\u2028b\\ud800"
 
 
-def test_request_round_trip() -> None:
-    req = Request("message-to", REQ, SID, to="bob", text="hello")
-    decoded = decode_request("1700000000123-4", req.fields(), 100)
-    assert decoded == Request("message-to", REQ, SID, to="bob", text="hello", sent_ms=1700000000123)
-    logon = Request("logon", REQ, SID, name="alice", node="n1")
-    assert decode_request("5-0", logon.fields(), 100).name == "alice"
-    assert decode_request("5-0", Request("logoff", REQ, SID).fields(), 100).kind == "logoff"
-    waited = Request("logoff", REQ, SID, wait_ms=1234).fields()
-    assert decode_request("5-0", waited, 100).wait_ms == 1234
+KEY = "c" * 64
+
+
+def entry(payload: dict[str, str], key: str = KEY) -> str:
+    text = json.dumps(payload)
+    return sign(text, key) + text
+
+
+def test_request_round_trip_and_signature() -> None:
+    req = Request("message-to", REQ, SID, to="bob", text="hello", sent_ms=1700000000123)
+    signed = decode_request(encode_request(req, KEY), 100)
+    assert signed.request == req
+    assert signed.verify(KEY)
+    assert not signed.verify("d" * 64)
+    logon = Request("logon", REQ, SID, name="alice", node="n1", key=KEY, ttl_ms=3000)
+    assert decode_request(encode_request(logon, KEY), 100).request == logon
+    assert decode_request(encode_request(Request("logoff", REQ, SID), KEY), 100).request.kind
+    waited = Request("logoff", REQ, SID, wait_ms=1234)
+    assert decode_request(encode_request(waited, KEY), 100).request.wait_ms == 1234
+
+
+def test_a_changed_request_no_longer_verifies() -> None:
+    good = encode_request(Request("message-to", REQ, SID, to="bob", text="hi", sent_ms=5), KEY)
+    for forged in (good.replace('"bob"', '"eve"'), good.replace('"5"', '"6"')):
+        assert not decode_request(forged, 100).verify(KEY)
+
+
+def test_inbox_and_heartbeat_ids_come_from_the_key() -> None:
+    assert inbox_id(KEY) == inbox_id(KEY) != heartbeat_id(KEY)
+    assert inbox_id(KEY) != inbox_id("d" * 64)
+    assert len(inbox_id(KEY)) == 32
+    assert KEY not in inbox_id(KEY)
 
 
 @pytest.mark.parametrize(
-    "fields",
+    "payload",
     [
         {},
-        {"k": "nope", "req": REQ, "sid": SID},
-        {"k": "logoff", "req": "short", "sid": SID},
-        {"k": "logoff", "req": REQ, "sid": "x" * 32},
-        {"k": "logon", "req": REQ, "sid": SID, "name": "bad name", "node": "n1"},
-        {"k": "logon", "req": REQ, "sid": SID, "name": "alice"},
-        {"k": "message-to", "req": REQ, "sid": SID, "to": "bob", "text": ""},
-        {"k": "message-to", "req": REQ, "sid": SID, "to": "bob", "text": "x" * 101},
-        {"k": "logoff", "req": REQ, "sid": SID, "wait": "-1"},
-        {"k": "logoff", "req": REQ, "sid": SID, "wait": "99999999999"},
+        {"k": "nope", "req": REQ, "sid": SID, "t": "1"},
+        {"k": "logoff", "req": "short", "sid": SID, "t": "1"},
+        {"k": "logoff", "req": REQ, "sid": "x" * 32, "t": "1"},
+        {"k": "logoff", "req": REQ, "sid": SID},
+        {"k": "logoff", "req": REQ, "sid": SID, "t": "-1"},
+        {"k": "logon", "req": REQ, "sid": SID, "t": "1", "name": "bad name", "node": "n1"},
+        {"k": "logon", "req": REQ, "sid": SID, "t": "1", "name": "alice", "node": "n1"},
+        {"k": "logon", "req": REQ, "sid": SID, "t": "1", "name": "a", "node": "n", "key": "x"},
+        {"k": "message-to", "req": REQ, "sid": SID, "t": "1", "to": "bob", "text": ""},
+        {"k": "message-to", "req": REQ, "sid": SID, "t": "1", "to": "bob", "text": "x" * 101},
+        {"k": "logoff", "req": REQ, "sid": SID, "t": "1", "wait": "-1"},
+        {"k": "logoff", "req": REQ, "sid": SID, "t": "1", "wait": "99999999999"},
     ],
 )
-def test_malformed_requests_raise_protocol_error(fields: dict[str, str]) -> None:
+def test_malformed_requests_raise_protocol_error(payload: dict[str, str]) -> None:
     with pytest.raises(ProtocolError):
-        decode_request("1-0", fields, 100)
+        decode_request(entry(payload), 100)
 
 
-def test_entry_ms() -> None:
-    assert entry_ms("1700000000123-7") == 1700000000123
+@pytest.mark.parametrize("raw", ["", "x" * 64 + "{}", "0" * 63, "0" * 64 + "[" * 10_000])
+def test_entries_without_a_signature_or_a_payload_raise_protocol_error(raw: str) -> None:
     with pytest.raises(ProtocolError):
-        entry_ms("garbage")
+        decode_request(raw, 100)
+
+
+def test_an_entry_longer_than_any_request_is_refused_unparsed() -> None:
+    with pytest.raises(ProtocolError, match="too long"):
+        decode_request("0" * 64 + " " * max_entry_bytes(100), 100)
 
 
 @pytest.mark.parametrize(
-    "event", [ReplyEvent(REQ, Reply.SENT), MessageEvent("alice", "hi ü"), StoppingEvent("c1")]
+    "event",
+    [
+        ReplyEvent(REQ, Reply.SENT),
+        MessageEvent("alice", "hi ü"),
+        StoppingEvent("c1"),
+        AliveEvent("c", 5),
+    ],
 )
 def test_event_round_trip(event: ReplyEvent | MessageEvent | StoppingEvent) -> None:
     assert decode_event(encode_event(event)) == event
@@ -220,19 +262,25 @@ def test_decode_local_request_never_raises_anything_but_protocol_error(data: byt
     assert isinstance(req.wait_ms, int)
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.text(max_size=30) | st.sampled_from(["1-0", "1700000000123-4"]),
-    st.dictionaries(
-        st.sampled_from(["k", "req", "sid", "wait", "ttl", "name", "node", "to", "text", "x"]),
-        st.text(max_size=40) | st.sampled_from(["logon", "message-to", "logoff", REQ, SID]),
-    ),
+request_payloads = st.fixed_dictionaries(
+    {"k": st.sampled_from(["logon", "message-to", "logoff"]) | st.text(max_size=5)},
+    optional={
+        k: st.text(max_size=40) | st.sampled_from([REQ, SID, KEY, "1700000000000", "alice"])
+        for k in ("req", "sid", "t", "wait", "ttl", "name", "node", "to", "text", "key")
+    },
 )
-def test_decode_request_never_raises_anything_but_protocol_error(
-    entry_id: str, fields: dict[str, str]
-) -> None:
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.text(max_size=300)
+    | request_payloads.map(entry)
+    | request_payloads.map(lambda p: "0" * 64 + json.dumps(p))
+)
+def test_decode_request_never_raises_anything_but_protocol_error(raw: str) -> None:
     try:
-        request = decode_request(entry_id, fields, 100)
+        signed = decode_request(raw, 100)
     except ProtocolError:
         return
-    assert request.kind in ("logon", "message-to", "logoff")
+    assert signed.request.kind in ("logon", "message-to", "logoff")
+    assert isinstance(signed.verify(KEY), bool)
