@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from messenger.embedded import EmbeddedRedis
+from tests.certs import Certs, make_certs
 from tests.harness import Procs
 
 
@@ -137,3 +138,9 @@ def procs(redis_server: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[Pro
     factory = Procs({**base_env, "MESSENGER_REDIS_URL": redis_server.url})
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA with server and client certificates (and a stranger CA), made for this session."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
