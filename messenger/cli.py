@@ -39,8 +39,8 @@ _SETTING_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     (
         "--redis-url",
         {
-            "help": "Redis to use (redis://[[user]:password@]host:port[/db]). Default: the "
-            "embedded Redis of a `messenger server` on this host."
+            "help": "Redis to use (redis://[[user]:password@]host:port[/db], or rediss:// for "
+            "TLS). Default: the embedded Redis of a `messenger server` on this host."
         },
     ),
     ("--node", {"help": "This node's name (default: the host name)."}),
@@ -65,6 +65,29 @@ _SETTING_OPTIONS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": click.Path(file_okay=False, path_type=Path),
             "help": "Directory for node sockets and the embedded server's address.",
+        },
+    ),
+    (
+        "--tls-ca-file",
+        {
+            "type": click.Path(dir_okay=False, path_type=Path),
+            "help": "PEM CA certificate(s) to verify a rediss:// Redis's certificate with "
+            "(besides the system's CAs).",
+        },
+    ),
+    (
+        "--tls-cert-file",
+        {
+            "type": click.Path(dir_okay=False, path_type=Path),
+            "help": "PEM client certificate for a rediss:// Redis that requires one "
+            "(with --tls-key-file).",
+        },
+    ),
+    (
+        "--tls-key-file",
+        {
+            "type": click.Path(dir_okay=False, path_type=Path),
+            "help": "PEM private key (unencrypted) of --tls-cert-file.",
         },
     ),
 ]
@@ -149,6 +172,12 @@ def server(*, settings: Settings, verbose: bool) -> None:
     path = server_file(settings)
     url = settings.redis_url
     try:
+        if url is None and settings.tls is not None:
+            # Refused before anything starts: the embedded Redis speaks plain TCP on 127.0.0.1.
+            raise ConfigError(
+                "--tls-ca-file, --tls-cert-file and --tls-key-file need a rediss:// "
+                "--redis-url; the embedded Redis does not use TLS"
+            )
         if url is None:
             local.ensure_runtime_dir(settings)
             _refuse_second_embedded(settings)
@@ -163,7 +192,7 @@ def server(*, settings: Settings, verbose: bool) -> None:
                 embedded.port,
                 path,
             )
-        redis = connect(url, socket_timeout=max(5.0, settings.reply_timeout))
+        redis = connect(url, socket_timeout=max(5.0, settings.reply_timeout), tls=settings.tls)
         asyncio.run(_serve(Coordinator(redis, settings)))
     finally:
         if embedded is not None:
@@ -180,7 +209,7 @@ def _refuse_second_embedded(settings: Settings) -> None:
         return  # no server file (or an unreadable one, which start-up will replace)
 
     async def alive() -> bool:
-        redis = connect(url, socket_timeout=1.0)
+        redis = connect(url, socket_timeout=1.0, tls=settings.tls)
         try:
             return bool(await redis.ping())
         except RedisError:
@@ -224,7 +253,11 @@ async def _logon(name: str, settings: Settings) -> None:
     local.ensure_runtime_dir(settings)
     if await local.client_alive(settings):
         raise Rejected(Reply.ALREADY_LOGGED_ON)
-    redis = connect(resolve_url(settings), socket_timeout=min(2.0, settings.reply_timeout))
+    redis = connect(
+        resolve_url(settings),
+        socket_timeout=min(2.0, settings.reply_timeout),
+        tls=settings.tls,
+    )
     client = Client(redis, settings, name, out=echo)
     try:
         await client.logon()
@@ -301,7 +334,7 @@ def who(*, as_json: bool, settings: Settings, verbose: bool) -> None:
 
 
 async def _who(settings: Settings) -> UserList:
-    redis = connect(resolve_url(settings), socket_timeout=settings.reply_timeout)
+    redis = connect(resolve_url(settings), socket_timeout=settings.reply_timeout, tls=settings.tls)
     try:
         return await list_users(redis, settings.prefix)
     except RedisError as e:

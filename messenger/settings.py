@@ -14,6 +14,39 @@ ENV_PREFIX = "MESSENGER_"
 _MAX_SECONDS = 3600.0
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files of a TLS connection to Redis (rediss://). None: not given.
+
+    `ca_file` is a CA the server's certificate may be signed by (besides the system's CAs);
+    `cert_file` and `key_file`, always both or neither, are this side's client certificate."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+_TLS_FIELDS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+
+
+def _where(name: str) -> str:
+    """How a user sets the field `name`: for messages that say what to change."""
+    return f"--{name.replace('_', '-')} (or {ENV_PREFIX}{name.upper()})"
+
+
+def _check_readable_file(name: str, path: Path) -> None:
+    """A clear ConfigError now rather than an OpenSSL error at the first connection."""
+    if not path.exists():
+        problem = "no such file"
+    elif not path.is_file():
+        problem = "not a file"
+    elif not os.access(path, os.R_OK):
+        problem = "not readable by this user"
+    else:
+        return
+    raise ConfigError(f"{_where(name)}: {path}: {problem}")
+
+
 def default_runtime_dir() -> Path:
     """Where node sockets and the embedded server's address live: private to this OS user."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -41,6 +74,9 @@ class Settings:
     sweep_interval: float = 0.25
     max_message_bytes: int = 64 * 1024
     runtime_dir: Path = field(default_factory=default_runtime_dir)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -59,6 +95,21 @@ class Settings:
             raise ConfigError("max_message_bytes must be positive")
         if not self.prefix or any(c in self.prefix for c in " *?[]{}"):
             raise ConfigError(f"invalid key prefix {self.prefix!r}")
+        for name in _TLS_FIELDS:
+            path = getattr(self, name)
+            if path is not None:
+                _check_readable_file(name, path)
+        # One without the other cannot make a client certificate; refusing it beats a server
+        # that silently sees no certificate.
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = (
+                ("tls_cert_file", "tls_key_file")
+                if self.tls_key_file is None
+                else ("tls_key_file", "tls_cert_file")
+            )
+            raise ConfigError(
+                f"{_where(given)} needs {_where(missing)} too: a client certificate and its key"
+            )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -76,6 +127,9 @@ class Settings:
             "sweep_interval": float,
             "max_message_bytes": int,
             "runtime_dir": Path,
+            "tls_ca_file": Path,
+            "tls_cert_file": Path,
+            "tls_key_file": Path,
         }
         for name, cast in casts.items():
             raw = env.get(ENV_PREFIX + name.upper())
@@ -89,6 +143,12 @@ class Settings:
                 ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The TLS files given, or None when none is (then rediss:// uses the system's CAs)."""
+        files = TlsFiles(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        return None if files == TlsFiles() else files
 
     @property
     def heartbeat_ttl_ms(self) -> int:

