@@ -1,4 +1,4 @@
-"""The token buckets, on a fake clock: exact and instant."""
+"""The token buckets, on a fake clock (exact and instant), and the settings of the limit."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from messenger.errors import ConfigError
 from messenger.ratelimit import RateLimiter
+from messenger.settings import Settings
 
 
 class Clock:
@@ -180,3 +182,29 @@ def test_a_session_within_the_rate_is_never_refused_whatever_the_others_do(
             next_honest += gap
         rl.allow(key)  # the others, as fast as they like
         assert len(rl) <= max_buckets
+
+
+# --- the settings -----------------------------------------------------------------------------
+
+
+def test_the_limit_is_configured_in_the_environment() -> None:
+    assert (Settings().rate_limit, Settings().rate_burst) == (20.0, 40)
+    s = Settings.from_env({"MESSENGER_RATE_LIMIT": "2.5", "MESSENGER_RATE_BURST": "7"})
+    assert (s.rate_limit, s.rate_burst) == (2.5, 7)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"MESSENGER_RATE_LIMIT": "0"}, "MESSENGER_RATE_LIMIT must be a positive"),
+        ({"MESSENGER_RATE_LIMIT": "-1"}, "MESSENGER_RATE_LIMIT must be a positive"),
+        ({"MESSENGER_RATE_LIMIT": "inf"}, "MESSENGER_RATE_LIMIT must be a positive"),
+        ({"MESSENGER_RATE_LIMIT": "nan"}, "MESSENGER_RATE_LIMIT must be a positive"),
+        ({"MESSENGER_RATE_LIMIT": "fast"}, "MESSENGER_RATE_LIMIT: not a valid float"),
+        ({"MESSENGER_RATE_BURST": "0"}, "MESSENGER_RATE_BURST must be a positive"),
+        ({"MESSENGER_RATE_BURST": "1.5"}, "MESSENGER_RATE_BURST: not a valid int"),
+    ],
+)
+def test_a_limit_that_cannot_work_is_refused(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        Settings.from_env(env)
