@@ -29,6 +29,7 @@ from messenger.keys import Keys
 from messenger.protocol import (
     AliveEvent,
     Reply,
+    ReplyEvent,
     Request,
     StoppingEvent,
     decode_request,
@@ -37,6 +38,7 @@ from messenger.protocol import (
     inbox_id,
     max_entry_bytes,
 )
+from messenger.ratelimit import RateLimiter
 from messenger.scripts import Scripts
 from messenger.settings import Settings
 
@@ -107,6 +109,47 @@ class DropCounter:
         self._since = now
 
 
+class LimitedCounter:
+    """Requests refused for their session's rate, logged as at most one line per period: a
+    flooder must not become a flood of log lines."""
+
+    _SESSIONS = 1000  # sessions counted by name in one period; the rest only in the total
+
+    def __init__(self, clock: Callable[[], float], period: float = 10.0) -> None:
+        self.period = period
+        self.total = 0
+        self._clock = clock
+        self._counts: dict[str, int] = {}  # sid -> refused since the last line
+        self._others = 0  # refused since the last line, of sessions past _SESSIONS
+        self._last: float | None = None  # when the last line was logged
+
+    def note(self, sid: str) -> None:
+        self.total += 1
+        if sid in self._counts or len(self._counts) < self._SESSIONS:
+            self._counts[sid] = self._counts.get(sid, 0) + 1
+        else:
+            self._others += 1
+        self.report()  # the first one at once: whoever configured the limit wants to know
+
+    def report(self) -> None:
+        now = self._clock()
+        if not self._counts or (self._last is not None and now - self._last < self.period):
+            return
+        worst, count = max(self._counts.items(), key=lambda item: item[1])
+        refused = sum(self._counts.values()) + self._others
+        log.warning(
+            "rate-limited %d requests of %d%s sessions (most: session %s x%d)",
+            refused,
+            len(self._counts),
+            "+" if self._others else "",
+            worst[:8],
+            count,
+        )
+        self._counts.clear()
+        self._others = 0
+        self._last = now
+
+
 class Coordinator:
     """Serves requests over an injected redis client.
 
@@ -133,6 +176,13 @@ class Coordinator:
         self.id = coordinator_id or secrets.token_hex(16)
         self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
         self.dropped = DropCounter()
+        # The limiter's time is the fake clock's in tests, else this host's monotonic one:
+        # a refusal depends only on how fast this coordinator sees a session's requests.
+        seconds = time.monotonic if clock is None else (lambda: clock() / 1000)
+        self.limiter = RateLimiter(
+            settings.rate_limit, settings.rate_burst, clock=seconds, max_buckets=_KNOWN_LIMIT
+        )
+        self.limited = LimitedCounter(seconds)
         self.active = False  # holds the lease, as far as it knows
         self.activations = 0  # how many times it became the active coordinator
 
@@ -209,6 +259,13 @@ class Coordinator:
         if credentials is None or not signed.verify(credentials.key):
             self.dropped.note(f"unauthenticated {request.kind} for session {request.sid[:8]}")
             return None
+        if self._over_limit(request):
+            # Refused before the script runs: a flooder costs one PUBLISH per request, and
+            # nothing is applied, so there is no `done` key to keep either.
+            refused = encode_event(ReplyEvent(request.req, Reply.RATE_LIMITED))
+            await self.redis.publish(credentials.inbox, refused)
+            self.limited.note(request.sid)
+            return Reply.RATE_LIMITED
         try:
             reply = await self.apply(request, credentials.inbox)
         except ResponseError as e:
@@ -228,6 +285,17 @@ class Coordinator:
         elif reply == Reply.LOGGED_OFF:
             await self.log_list(f"logoff {request.sid[:8]}")
         return reply
+
+    def _over_limit(self, r: Request) -> bool:
+        """Whether a verified request's session has sent faster than the limit; counted only
+        after the signature is checked, so nobody can use up another session's allowance.
+
+        A logon is not counted: it makes a new session (a new sid each time), so a limit per
+        session cannot hold it; a limit on logons would be one more key space here (per node,
+        or one bucket for every logon)."""
+        if r.kind == "logon":
+            return False
+        return not self.limiter.allow(r.sid)
 
     async def apply(self, r: Request, reply_to: str) -> str:
         s, now = self.settings, self._now()
@@ -292,6 +360,7 @@ class Coordinator:
         if entries:
             await self.scripts.finish(self.id, len(entries))
         self.dropped.report()
+        self.limited.report()
         return bool(entries) or dropped > 0
 
     # --- the loop ---------------------------------------------------------------------------
