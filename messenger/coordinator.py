@@ -85,6 +85,11 @@ class DropCounter:
     """Dropped requests, logged as one line per reason and period: a flood of garbage must not
     become a flood of log lines."""
 
+    # Reasons quote bits of what was sent, so garbage can make as many as it likes: past this
+    # many in one period, the rest are counted together (one more line).
+    REASONS = 20
+    OTHERS = "other reasons"
+
     def __init__(self, period: float = 10.0) -> None:
         self.period = period
         self.total = 0
@@ -94,6 +99,8 @@ class DropCounter:
 
     def note(self, reason: str) -> None:
         self.total += 1
+        if reason not in self._counts and len(self._counts) >= self.REASONS:
+            reason = self.OTHERS
         self._counts[reason] = self._counts.get(reason, 0) + 1
         if not self._reported_once:  # the first one at once: it may be a misconfiguration
             self._reported_once = True
@@ -257,7 +264,9 @@ class Coordinator:
         request = signed.request
         credentials = await self._credentials(request)
         if credentials is None or not signed.verify(credentials.key):
-            self.dropped.note(f"unauthenticated {request.kind} for session {request.sid[:8]}")
+            # No session id in the reason: garbage with a new one each time would make a new
+            # reason (a log line) each time.
+            self.dropped.note(f"unauthenticated {request.kind}: unknown session or bad signature")
             return None
         if self._over_limit(request):
             # Refused before the script runs: a flooder costs one PUBLISH per request, and

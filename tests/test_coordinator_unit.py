@@ -737,3 +737,18 @@ async def test_rate_limited_sessions_make_one_log_line_per_period(
     assert lines()[1:] == [f"rate-limited 48 requests of 2 sessions (most: session {a[:8]} x46)"]
     strict.limited.report()
     assert len(lines()) == 2  # nothing new: nothing said
+
+
+async def test_garbage_of_every_kind_makes_a_bounded_number_of_log_lines(
+    coord: Coordinator, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "messenger.coordinator")
+    for i in range(200):  # each with its own session, kind or time: each a reason of its own
+        await coord.handle(entry(Request("logoff", sid(), sid()), clock.now))
+        await coord.handle("0" * 64 + json.dumps({"k": f"kind{i}", "req": "a", "sid": "b"}))
+        await coord.handle("0" * 64 + json.dumps({"k": "logoff", "req": sid(), "sid": sid()}))
+    assert coord.dropped.total == 600
+    coord.dropped.report(force=True)
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) <= 1 + coord.dropped.REASONS + 1, lines  # the first one, then a period's
+    assert sum(int(line.split(" x")[1].split(":")[0]) for line in lines) == 600
