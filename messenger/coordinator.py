@@ -31,6 +31,7 @@ from messenger.protocol import (
     Reply,
     ReplyEvent,
     Request,
+    SignedRequest,
     StoppingEvent,
     decode_request,
     decode_user,
@@ -182,6 +183,7 @@ class Coordinator:
         self.clock = clock
         self.id = coordinator_id or secrets.token_hex(16)
         self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
+        self._unknown: set[str] = set()  # sids this batch found nowhere (see _look_up)
         self.dropped = DropCounter()
         # The limiter's time is the fake clock's in tests, else this host's monotonic one:
         # a refusal depends only on how fast this coordinator sees a session's requests.
@@ -236,7 +238,7 @@ class Coordinator:
         if r.kind == "logon":
             return _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
         known = self._known.get(r.sid)
-        if known is None:
+        if known is None and r.sid not in self._unknown:
             raw = cast(str | None, await self.redis.hget(self.keys.sessions, r.sid))
             if raw is None:
                 raw = cast(str | None, await self.redis.get(self.keys.gone(r.sid)))
@@ -244,6 +246,37 @@ class Coordinator:
             if known is not None:
                 self._remember(r.sid, known)
         return known
+
+    async def _look_up(self, requests: list[Request]) -> None:
+        """Read the credentials of every session of a batch that is not in the cache: one HMGET,
+        then one MGET of the gone entries of those not found. Two round trips a batch, not two
+        a request: requests of sessions nobody knows (garbage) cost nothing else, and one
+        flooder must not be able to slow the coordinator down to its round trips.
+
+        The sessions found in neither are remembered as unknown until the next batch, which
+        looks again (a logon in between is remembered by `handle` itself)."""
+        self._unknown = set()
+        wanted = list({r.sid for r in requests if r.kind != "logon"} - self._known.keys())
+        if not wanted:
+            return
+        records = cast(list[str | None], await self.redis.hmget(self.keys.sessions, wanted))
+        missing = []
+        for sid, raw in zip(wanted, records, strict=True):
+            if raw is None:
+                missing.append(sid)
+            elif not self._remember_parsed(sid, raw):
+                self._unknown.add(sid)  # a corrupt record: it verifies nothing
+        if missing:
+            gone = cast(list[str | None], await self.redis.mget(map(self.keys.gone, missing)))
+            for sid, raw in zip(missing, gone, strict=True):
+                if not self._remember_parsed(sid, raw):
+                    self._unknown.add(sid)
+
+    def _remember_parsed(self, sid: str, raw: str | None) -> bool:
+        credentials = _Credentials.parse(raw)
+        if credentials is not None:
+            self._remember(sid, credentials)
+        return credentials is not None
 
     def _remember(self, sid: str, credentials: _Credentials) -> None:
         if len(self._known) >= _KNOWN_LIMIT:
@@ -256,11 +289,25 @@ class Coordinator:
         Anything wrong with a request is counted and the request dropped: a malformed or
         forged request must never take the coordinator down, nor be answered.
         """
+        signed = self._decode(entry)
+        if signed is None:
+            return None
+        await self._look_up([signed.request])
+        return await self._handle(signed)
+
+    def _decode(self, entry: str) -> SignedRequest | None:
         try:
-            signed = decode_request(entry, self.settings.max_message_bytes)
+            return decode_request(entry, self.settings.max_message_bytes)
         except ProtocolError as e:
             self.dropped.note(f"malformed: {e.message}")
-            return None
+        except Exception:
+            # A bug, for the decoder turns every input into ProtocolError; the entry is dropped
+            # all the same, or it would break every retry of its batch.
+            log.exception("dropped a request its decoder failed on")
+        return None
+
+    async def _handle(self, signed: SignedRequest) -> str | None:
+        """handle() of a decoded entry whose session's credentials were looked up."""
         request = signed.request
         credentials = await self._credentials(request)
         if credentials is None or not signed.verify(credentials.key):
@@ -357,9 +404,12 @@ class Coordinator:
         )
         for _ in range(dropped):
             self.dropped.note("longer than any request")
-        for entry in entries:
+        # Garbage is dropped here, before any round trip; the rest costs two for the batch.
+        batch = [signed for signed in map(self._decode, entries) if signed is not None]
+        await self._look_up([signed.request for signed in batch])
+        for signed in batch:
             try:
-                await self.handle(entry)
+                await self._handle(signed)
             except (LeaseLost, RedisConnectionError, RedisTimeoutError):
                 raise
             except Exception:

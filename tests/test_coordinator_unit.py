@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -752,3 +753,44 @@ async def test_garbage_of_every_kind_makes_a_bounded_number_of_log_lines(
     lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(lines) <= 1 + coord.dropped.REASONS + 1, lines  # the first one, then a period's
     assert sum(int(line.split(" x")[1].split(":")[0]) for line in lines) == 600
+
+
+async def test_a_batch_reads_its_sessions_keys_in_two_round_trips(
+    coord: Coordinator, clock: FakeClock, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k = Keys("u")
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await logon(coord, clock, "bob", "n2")
+    gone, _ = await logon(coord, clock, "carol", "n3")
+    await handle(coord, clock, Request("logoff", sid(), gone))
+    fresh = Coordinator(redis, coord.settings, clock=clock, coordinator_id=coord.id)  # no cache
+    listening = {s: redis.pubsub() for s in (a, gone)}
+    for s, inbox in listening.items():
+        await inbox.subscribe(inbox_of(s))
+    dave = sid()
+    KEY_OF[dave] = new_session_key()
+    batch = [entry(Request("message-to", sid(), a, to="bob", text="hi"), clock.now)]
+    batch += [entry(Request("logoff", sid(), sid()), clock.now) for _ in range(90)]  # unknown
+    batch += [
+        entry(Request("message-to", sid(), gone, to="bob", text="late"), clock.now),
+        entry(Request("logon", sid(), dave, name="dave", node="n4"), clock.now),
+        entry(Request("logoff", sid(), dave), clock.now),  # a session this batch made
+    ]
+    await redis.rpush(k.requests, *batch)
+    commands: Counter[str] = Counter()
+    run = redis.execute_command
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        commands[str(args[0]).upper()] += 1
+        return await run(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "execute_command", counted)
+    assert await fresh.serve_batch()
+    assert (commands["HGET"], commands["GET"], commands["HMGET"], commands["MGET"]) == (0, 0, 1, 1)
+    assert fresh.dropped.total == 90
+    assert [json.loads(m)["r"] async for m in _drain(listening[a])] == ["sent"]
+    late = [json.loads(m)["r"] async for m in _drain(listening[gone])]
+    assert late == ["you-are-not-logged-on"]
+    assert await users(redis) == {"alice": "n1", "bob": "n2"}  # dave came and went
+    for inbox in listening.values():
+        await inbox.aclose()
