@@ -184,6 +184,7 @@ class Coordinator:
         self.id = coordinator_id or secrets.token_hex(16)
         self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
         self._unknown: set[str] = set()  # sids this batch found nowhere (see _look_up)
+        self._refusals: list[tuple[str, str]] = []  # (inbox, rate-limited reply) to publish
         self.dropped = DropCounter()
         # The limiter's time is the fake clock's in tests, else this host's monotonic one:
         # a refusal depends only on how fast this coordinator sees a session's requests.
@@ -293,7 +294,19 @@ class Coordinator:
         if signed is None:
             return None
         await self._look_up([signed.request])
-        return await self._handle(signed)
+        try:
+            return await self._handle(signed)
+        finally:
+            await self._send_refusals()
+
+    async def _send_refusals(self) -> None:
+        """Publish the `rate-limited` replies of the batch, all in one round trip."""
+        refusals, self._refusals = self._refusals, []
+        if refusals:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for inbox, refused in refusals:
+                    pipe.publish(inbox, refused)
+                await pipe.execute()
 
     def _decode(self, entry: str) -> SignedRequest | None:
         try:
@@ -316,10 +329,12 @@ class Coordinator:
             self.dropped.note(f"unauthenticated {request.kind}: unknown session or bad signature")
             return None
         if self._over_limit(request):
-            # Refused before the script runs: a flooder costs one PUBLISH per request, and
-            # nothing is applied, so there is no `done` key to keep either.
+            # Refused before the script runs, and nothing is applied, so there is no `done` key
+            # to keep either. The reply goes out with the batch's others (_send_refusals): one
+            # round trip for a batch, so a session that pushes signed requests without waiting
+            # for replies cannot outrun the coordinator.
             refused = encode_event(ReplyEvent(request.req, Reply.RATE_LIMITED))
-            await self.redis.publish(credentials.inbox, refused)
+            self._refusals.append((credentials.inbox, refused))
             self.limited.note(request.sid)
             return Reply.RATE_LIMITED
         try:
@@ -416,6 +431,7 @@ class Coordinator:
                 # Done with all the same: a request that breaks the coordinator once would
                 # break it again on every retry.
                 log.exception("dropped a request after an unexpected error")
+        await self._send_refusals()
         if entries:
             await self.scripts.finish(self.id, len(entries))
         self.dropped.report()

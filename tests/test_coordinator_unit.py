@@ -794,3 +794,24 @@ async def test_a_batch_reads_its_sessions_keys_in_two_round_trips(
     assert await users(redis) == {"alice": "n1", "bob": "n2"}  # dave came and went
     for inbox in listening.values():
         await inbox.aclose()
+
+
+async def test_the_refusals_of_a_batch_go_out_in_one_round_trip(
+    strict: Coordinator, clock: FakeClock, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = await logon(strict, clock, "alice", "n1")
+    await logon(strict, clock, "bob", "n2")
+    inbox = redis.pubsub()
+    await inbox.subscribe(inbox_of(a))
+    requests = [Request("message-to", sid(), a, to="bob", text="x") for _ in range(50)]
+    await redis.rpush(Keys("u").requests, *(entry(r, clock.now) for r in requests))
+
+    async def one_by_one(*_args: Any) -> None:
+        raise AssertionError("a PUBLISH round trip per refusal")
+
+    monkeypatch.setattr(redis, "publish", one_by_one)
+    assert await strict.serve_batch()
+    replies = [json.loads(m) async for m in _drain(inbox)]
+    assert [r["r"] for r in replies] == ["sent"] * 3 + ["rate-limited"] * 47
+    assert {r["req"] for r in replies} == {r.req for r in requests}
+    await inbox.aclose()
