@@ -6,6 +6,11 @@ that their CPU is not taken from the honest clients whose latency the test measu
         from WORKERS concurrent loops, as fast as replies come back, for SECONDS; prints
         `flooding` once logged on, then one JSON line: how many of each reply it got.
 
+    python -m tests.flood signed NODE TO RATE SECONDS
+        logs a session on like `flooder`, then RPUSHes requests signed with its key straight to
+        the queue at RATE entries/s, never waiting for a reply (what a client that is not ours
+        can do); prints `flooding`, then {"pushed": n, "seconds": s, "replies": {...}}.
+
     python -m tests.flood garbage URL PREFIX RATE SECONDS
         RPUSHes entries that are not valid requests to the request queue at RATE entries/s
         (batches of 100 on a fixed schedule), for SECONDS; prints `pushing`, then one JSON line:
@@ -15,18 +20,21 @@ that their CPU is not taken from the honest clients whose latency the test measu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 import redis as redis_sync
 
 from messenger.client import Client
 from messenger.connection import connect
-from messenger.errors import MessengerError
+from messenger.errors import MessengerError, ProtocolError
 from messenger.keys import Keys
+from messenger.protocol import ReplyEvent, Request, decode_event, encode_request
 from messenger.settings import Settings
 
 _BATCH = 100
@@ -76,14 +84,73 @@ def push_garbage(url: str, prefix: str, rate: float, seconds: float) -> dict[str
     return {"pushed": pushed, "seconds": round(time.monotonic() - start, 3)}
 
 
-async def flood(node: str, to: str, seconds: float, workers: int) -> Counter[str]:
+async def logged_on(node: str) -> Client:
+    """mallory's session, its heartbeat running."""
     settings = Settings.from_env(node=node)
     redis = connect(settings.redis_url or "", socket_timeout=2.0, tls=None)
     client = Client(redis, settings, "mallory", out=lambda _line: None)
-    replies: Counter[str] = Counter()
+    await client.logon()
+    await client.start_serving()  # the heartbeat: the session must stay alive meanwhile
+    return client
+
+
+async def count_replies(client: Client, replies: Counter[str]) -> None:
+    """Count every reply on the session's inbox (a listener beside the client's own)."""
+    listener = client.redis.pubsub()
+    await listener.subscribe(client.inbox)
     try:
-        await client.logon()
-        await client.start_serving()  # the heartbeat: the session must stay alive meanwhile
+        while True:
+            msg: Any = await listener.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is not None and msg["type"] == "message":
+                with contextlib.suppress(ProtocolError):
+                    event = decode_event(msg["data"])
+                    if isinstance(event, ReplyEvent):
+                        replies[event.reply] += 1
+    finally:
+        await listener.aclose()  # type: ignore[no-untyped-call]
+
+
+async def push_signed(node: str, to: str, rate: float, seconds: float) -> dict[str, Any]:
+    replies: Counter[str] = Counter()
+    client = await logged_on(node)
+    counter = asyncio.create_task(count_replies(client, replies))
+    try:
+        secs, micros = await client.redis.time()  # requests are timed on Redis's clock
+        redis_ms, at = secs * 1000 + micros // 1000, time.monotonic()
+        wait_ms = client.settings.reply_timeout_ms
+        print("flooding", flush=True)
+        start, pushed = time.monotonic(), 0
+        while (now := time.monotonic()) - start < seconds:
+            due = start + pushed / rate
+            if now < due:
+                await asyncio.sleep(due - now)
+                continue
+            sent_ms = redis_ms + int((now - at) * 1000)
+            batch = [
+                encode_request(
+                    Request(
+                        "message-to", secrets.token_hex(16), client.sid, to=to, text="flood",
+                        sent_ms=sent_ms, wait_ms=wait_ms,
+                    ),
+                    client.key,
+                )
+                for _ in range(_BATCH)
+            ]  # fmt: skip
+            await client.redis.rpush(Keys(client.settings.prefix).requests, *batch)
+            pushed += len(batch)
+        elapsed = time.monotonic() - start
+        with contextlib.suppress(MessengerError):  # behind its own flood: it may time out
+            await client.logoff()
+    finally:
+        counter.cancel()
+        await client.close()
+    return {"pushed": pushed, "seconds": round(elapsed, 3), "replies": replies}
+
+
+async def flood(node: str, to: str, seconds: float, workers: int) -> Counter[str]:
+    replies: Counter[str] = Counter()
+    client = await logged_on(node)
+    try:
         print("flooding", flush=True)
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
@@ -96,7 +163,8 @@ async def flood(node: str, to: str, seconds: float, workers: int) -> Counter[str
                     replies[e.message] += 1
 
         await asyncio.gather(*(worker() for _ in range(workers)))
-        await client.logoff()
+        with contextlib.suppress(MessengerError):  # behind its own flood: it may time out
+            await client.logoff()
     finally:
         await client.close()
     return replies
@@ -107,6 +175,9 @@ def main(argv: list[str]) -> None:
     if what == "flooder":
         node, to, seconds, workers = args
         print(json.dumps(asyncio.run(flood(node, to, float(seconds), int(workers)))), flush=True)
+    elif what == "signed":
+        node, to, rate, seconds = args
+        print(json.dumps(asyncio.run(push_signed(node, to, float(rate), float(seconds)))))
     elif what == "garbage":
         url, prefix, rate, seconds = args
         print(json.dumps(push_garbage(url, prefix, float(rate), float(seconds))), flush=True)
