@@ -77,6 +77,9 @@ class Settings:
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # The coordinator's: the password of the Redis users it makes for clients (docs/security.md).
+    # Never shown (repr) and never written anywhere by the messenger.
+    client_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in (
@@ -127,6 +130,7 @@ class Settings:
             "sweep_interval": float,
             "max_message_bytes": int,
             "runtime_dir": Path,
+            "client_password": str,
             "tls_ca_file": Path,
             "tls_cert_file": Path,
             "tls_key_file": Path,
