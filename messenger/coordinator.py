@@ -30,7 +30,9 @@ from messenger.keys import USERS_PLACEHOLDER, Keys
 from messenger.protocol import (
     AliveEvent,
     Reply,
+    ReplyEvent,
     Request,
+    SignedRequest,
     StoppingEvent,
     decode_request,
     decode_user,
@@ -38,6 +40,7 @@ from messenger.protocol import (
     inbox_id,
     max_entry_bytes,
 )
+from messenger.ratelimit import RateLimiter
 from messenger.scripts import Scripts
 from messenger.settings import Settings
 
@@ -84,6 +87,11 @@ class DropCounter:
     """Dropped requests, logged as one line per reason and period: a flood of garbage must not
     become a flood of log lines."""
 
+    # Reasons quote bits of what was sent, so garbage can make as many as it likes: past this
+    # many in one period, the rest are counted together (one more line).
+    REASONS = 20
+    OTHERS = "other reasons"
+
     def __init__(self, period: float = 10.0) -> None:
         self.period = period
         self.total = 0
@@ -93,6 +101,8 @@ class DropCounter:
 
     def note(self, reason: str) -> None:
         self.total += 1
+        if reason not in self._counts and len(self._counts) >= self.REASONS:
+            reason = self.OTHERS
         self._counts[reason] = self._counts.get(reason, 0) + 1
         if not self._reported_once:  # the first one at once: it may be a misconfiguration
             self._reported_once = True
@@ -106,6 +116,47 @@ class DropCounter:
             log.warning("dropped malformed request x%d: %s", count, reason)
         self._counts.clear()
         self._since = now
+
+
+class LimitedCounter:
+    """Requests refused for their session's rate, logged as at most one line per period: a
+    flooder must not become a flood of log lines."""
+
+    _SESSIONS = 1000  # sessions counted by name in one period; the rest only in the total
+
+    def __init__(self, clock: Callable[[], float], period: float = 10.0) -> None:
+        self.period = period
+        self.total = 0
+        self._clock = clock
+        self._counts: dict[str, int] = {}  # sid -> refused since the last line
+        self._others = 0  # refused since the last line, of sessions past _SESSIONS
+        self._last: float | None = None  # when the last line was logged
+
+    def note(self, sid: str) -> None:
+        self.total += 1
+        if sid in self._counts or len(self._counts) < self._SESSIONS:
+            self._counts[sid] = self._counts.get(sid, 0) + 1
+        else:
+            self._others += 1
+        self.report()  # the first one at once: whoever configured the limit wants to know
+
+    def report(self) -> None:
+        now = self._clock()
+        if not self._counts or (self._last is not None and now - self._last < self.period):
+            return
+        worst, count = max(self._counts.items(), key=lambda item: item[1])
+        refused = sum(self._counts.values()) + self._others
+        log.warning(
+            "rate-limited %d requests of %d%s sessions (most: session %s x%d)",
+            refused,
+            len(self._counts),
+            "+" if self._others else "",
+            worst[:8],
+            count,
+        )
+        self._counts.clear()
+        self._others = 0
+        self._last = now
 
 
 class Coordinator:
@@ -137,7 +188,16 @@ class Coordinator:
         self.client_password = client_password
         self._said_no_password = False
         self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
+        self._unknown: set[str] = set()  # sids this batch found nowhere (see _look_up)
+        self._refusals: list[tuple[str, str]] = []  # (inbox, rate-limited reply) to publish
         self.dropped = DropCounter()
+        # The limiter's time is the fake clock's in tests, else this host's monotonic one:
+        # a refusal depends only on how fast this coordinator sees a session's requests.
+        seconds = time.monotonic if clock is None else (lambda: clock() / 1000)
+        self.limiter = RateLimiter(
+            settings.rate_limit, settings.rate_burst, clock=seconds, max_buckets=_KNOWN_LIMIT
+        )
+        self.limited = LimitedCounter(seconds)
         self.active = False  # holds the lease, as far as it knows
         self.activations = 0  # how many times it became the active coordinator
 
@@ -183,7 +243,7 @@ class Coordinator:
         if r.kind == "logon":
             return _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
         known = self._known.get(r.sid)
-        if known is None:
+        if known is None and r.sid not in self._unknown:
             raw = cast(str | None, await self.redis.hget(self.keys.sessions, r.sid))
             if raw is None:
                 raw = cast(str | None, await self.redis.get(self.keys.gone(r.sid)))
@@ -191,6 +251,37 @@ class Coordinator:
             if known is not None:
                 self._remember(r.sid, known)
         return known
+
+    async def _look_up(self, requests: list[Request]) -> None:
+        """Read the credentials of every session of a batch that is not in the cache: one HMGET,
+        then one MGET of the gone entries of those not found. Two round trips a batch, not two
+        a request: requests of sessions nobody knows (garbage) cost nothing else, and one
+        flooder must not be able to slow the coordinator down to its round trips.
+
+        The sessions found in neither are remembered as unknown until the next batch, which
+        looks again (a logon in between is remembered by `handle` itself)."""
+        self._unknown = set()
+        wanted = list({r.sid for r in requests if r.kind != "logon"} - self._known.keys())
+        if not wanted:
+            return
+        records = cast(list[str | None], await self.redis.hmget(self.keys.sessions, wanted))
+        missing = []
+        for sid, raw in zip(wanted, records, strict=True):
+            if raw is None:
+                missing.append(sid)
+            elif not self._remember_parsed(sid, raw):
+                self._unknown.add(sid)  # a corrupt record: it verifies nothing
+        if missing:
+            gone = cast(list[str | None], await self.redis.mget(map(self.keys.gone, missing)))
+            for sid, raw in zip(missing, gone, strict=True):
+                if not self._remember_parsed(sid, raw):
+                    self._unknown.add(sid)
+
+    def _remember_parsed(self, sid: str, raw: str | None) -> bool:
+        credentials = _Credentials.parse(raw)
+        if credentials is not None:
+            self._remember(sid, credentials)
+        return credentials is not None
 
     def _remember(self, sid: str, credentials: _Credentials) -> None:
         if len(self._known) >= _KNOWN_LIMIT:
@@ -203,16 +294,53 @@ class Coordinator:
         Anything wrong with a request is counted and the request dropped: a malformed or
         forged request must never take the coordinator down, nor be answered.
         """
+        signed = self._decode(entry)
+        if signed is None:
+            return None
+        await self._look_up([signed.request])
         try:
-            signed = decode_request(entry, self.settings.max_message_bytes)
+            return await self._handle(signed)
+        finally:
+            await self._send_refusals()
+
+    async def _send_refusals(self) -> None:
+        """Publish the `rate-limited` replies of the batch, all in one round trip."""
+        refusals, self._refusals = self._refusals, []
+        if refusals:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for inbox, refused in refusals:
+                    pipe.publish(inbox, refused)
+                await pipe.execute()
+
+    def _decode(self, entry: str) -> SignedRequest | None:
+        try:
+            return decode_request(entry, self.settings.max_message_bytes)
         except ProtocolError as e:
             self.dropped.note(f"malformed: {e.message}")
-            return None
+        except Exception:
+            # A bug, for the decoder turns every input into ProtocolError; the entry is dropped
+            # all the same, or it would break every retry of its batch.
+            log.exception("dropped a request its decoder failed on")
+        return None
+
+    async def _handle(self, signed: SignedRequest) -> str | None:
+        """handle() of a decoded entry whose session's credentials were looked up."""
         request = signed.request
         credentials = await self._credentials(request)
         if credentials is None or not signed.verify(credentials.key):
-            self.dropped.note(f"unauthenticated {request.kind} for session {request.sid[:8]}")
+            # No session id in the reason: garbage with a new one each time would make a new
+            # reason (a log line) each time.
+            self.dropped.note(f"unauthenticated {request.kind}: unknown session or bad signature")
             return None
+        if self._over_limit(request):
+            # Refused before the script runs, and nothing is applied, so there is no `done` key
+            # to keep either. The reply goes out with the batch's others (_send_refusals): one
+            # round trip for a batch, so a session that pushes signed requests without waiting
+            # for replies cannot outrun the coordinator.
+            refused = encode_event(ReplyEvent(request.req, Reply.RATE_LIMITED))
+            self._refusals.append((credentials.inbox, refused))
+            self.limited.note(request.sid)
+            return Reply.RATE_LIMITED
         try:
             reply = await self.apply(request, credentials.inbox)
         except ResponseError as e:
@@ -232,6 +360,17 @@ class Coordinator:
         elif reply == Reply.LOGGED_OFF:
             await self.log_list(f"logoff {request.sid[:8]}")
         return reply
+
+    def _over_limit(self, r: Request) -> bool:
+        """Whether a verified request's session has sent faster than the limit; counted only
+        after the signature is checked, so nobody can use up another session's allowance.
+
+        A logon is not counted: it makes a new session (a new sid each time), so a limit per
+        session cannot hold it; a limit on logons would be one more key space here (per node,
+        or one bucket for every logon)."""
+        if r.kind == "logon":
+            return False
+        return not self.limiter.allow(r.sid)
 
     async def apply(self, r: Request, reply_to: str) -> str:
         s, now = self.settings, self._now()
@@ -284,18 +423,23 @@ class Coordinator:
         )
         for _ in range(dropped):
             self.dropped.note("longer than any request")
-        for entry in entries:
+        # Garbage is dropped here, before any round trip; the rest costs two for the batch.
+        batch = [signed for signed in map(self._decode, entries) if signed is not None]
+        await self._look_up([signed.request for signed in batch])
+        for signed in batch:
             try:
-                await self.handle(entry)
+                await self._handle(signed)
             except (LeaseLost, RedisConnectionError, RedisTimeoutError):
                 raise
             except Exception:
                 # Done with all the same: a request that breaks the coordinator once would
                 # break it again on every retry.
                 log.exception("dropped a request after an unexpected error")
+        await self._send_refusals()
         if entries:
             await self.scripts.finish(self.id, len(entries))
         self.dropped.report()
+        self.limited.report()
         return bool(entries) or dropped > 0
 
     # --- the loop ---------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class Reply(StrEnum):
     RECEIVER_NOT_FOUND = "receiver-not-found"
     YOU_ARE_NOT_LOGGED_ON = "you-are-not-logged-on"
     LOGGED_OFF = "logged-off"
+    # Not one of the seed's: the session sent faster than the coordinator's limit allows
+    # (settings.rate_limit); the request was not applied. The client goes on.
+    RATE_LIMITED = "rate-limited"
     # Not a reply anyone sees: the request outlived its sender's wait and was not applied.
     EXPIRED = "expired"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -73,6 +74,11 @@ class Settings:
     lease_ttl: float = 2.0
     sweep_interval: float = 0.25
     max_message_bytes: int = 64 * 1024
+    # The coordinator's limit per session (logons aside): `rate_limit` requests per second
+    # after a burst of `rate_burst`; past it, requests are answered `rate-limited`. Far above
+    # what a person types, far below what a loop sends (docs/security-floods.md).
+    rate_limit: float = 20.0
+    rate_burst: int = 40
     runtime_dir: Path = field(default_factory=default_runtime_dir)
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
@@ -96,6 +102,10 @@ class Settings:
             raise ConfigError("heartbeat_ttl must be longer than heartbeat_interval")
         if self.max_message_bytes <= 0:
             raise ConfigError("max_message_bytes must be positive")
+        if not (math.isfinite(self.rate_limit) and self.rate_limit > 0):
+            raise ConfigError(f"{ENV_PREFIX}RATE_LIMIT must be a positive number of requests/s")
+        if self.rate_burst <= 0:
+            raise ConfigError(f"{ENV_PREFIX}RATE_BURST must be a positive number of requests")
         if not self.prefix or any(c in self.prefix for c in " *?[]{}"):
             raise ConfigError(f"invalid key prefix {self.prefix!r}")
         for name in _TLS_FIELDS:
@@ -129,6 +139,8 @@ class Settings:
             "lease_ttl": float,
             "sweep_interval": float,
             "max_message_bytes": int,
+            "rate_limit": float,
+            "rate_burst": int,
             "runtime_dir": Path,
             "client_password": str,
             "tls_ca_file": Path,

@@ -34,6 +34,7 @@ class Proc:
 
     args: tuple[str, ...]
     env: dict[str, str]
+    module: str = "messenger"  # what `python -m` runs (a test's own helper, e.g.)
     popen: subprocess.Popen[str] = field(init=False)
     out: list[str] = field(default_factory=list)
     err: list[str] = field(default_factory=list)
@@ -42,7 +43,7 @@ class Proc:
 
     def __post_init__(self) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "messenger", *self.args],
+            [sys.executable, "-m", self.module, *self.args],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -121,7 +122,11 @@ class Procs:
         self.started: list[Proc] = []
 
     def start(self, *args: str, **env: str) -> Proc:
-        proc = Proc(args, {**self.env, **env})
+        return self.start_module("messenger", *args, **env)
+
+    def start_module(self, module: str, *args: str, **env: str) -> Proc:
+        """`python -m module args...`, ended by cleanup() like the others."""
+        proc = Proc(args, {**self.env, **env}, module)
         self.started.append(proc)
         return proc
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ from messenger.keys import Keys
 from messenger.protocol import (
     AliveEvent,
     Reply,
+    ReplyEvent,
     Request,
     decode_event,
     encode_request,
@@ -655,3 +657,161 @@ async def test_the_active_one_that_stops_tells_the_clients(redis: Any, settings:
     assert events[-1] == "stopping"  # after the alive ticks of a coordinator that was serving
     assert not await redis.exists(k.lease)
     await control.aclose()
+
+
+# --- floods: a limit per session ------------------------------------------------------------
+
+
+@pytest.fixture
+async def strict(redis: Any, clock: FakeClock) -> Coordinator:
+    """A coordinator that allows each session 3 requests at once and then 2 per second."""
+    limited = Settings(redis_url="redis://fake", node="t", prefix="u", rate_limit=2, rate_burst=3)
+    c = Coordinator(redis, limited, clock=clock)
+    assert await c.try_acquire_lease()
+    return c
+
+
+async def test_a_session_past_its_limit_is_told_and_nothing_is_applied(
+    strict: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(strict, clock, "alice", "n1")  # a logon does not count...
+    b, _ = await logon(strict, clock, "bob", "n2")
+    alice, bob = redis.pubsub(), redis.pubsub()
+    await alice.subscribe(inbox_of(a))
+    await bob.subscribe(inbox_of(b))
+    requests = [Request("message-to", sid(), a, to="bob", text=f"m{i}") for i in range(5)]
+    replies = [await handle(strict, clock, r) for r in requests]
+    # ...so alice's whole burst is hers
+    assert replies == [Reply.SENT] * 3 + [Reply.RATE_LIMITED] * 2
+    told = [decode_event(m) async for m in _drain(alice)]
+    assert told == [ReplyEvent(r.req, reply) for r, reply in zip(requests, replies, strict=True)]
+    assert [json.loads(m)["text"] async for m in _drain(bob)] == ["m0", "m1", "m2"]
+    assert not await redis.exists(Keys("u").done(requests[3].req))  # not applied: no done key
+    assert strict.limited.total == 2
+    # bob has his own allowance, and alice gets hers back at the rate
+    assert await handle(strict, clock, Request("message-to", sid(), b, to="alice", text="x")) == (
+        Reply.SENT
+    )
+    clock.advance(0.5)
+    assert await handle(strict, clock, Request("message-to", sid(), a, to="bob", text="again")) == (
+        Reply.SENT
+    )
+    assert await handle(strict, clock, Request("logoff", sid(), a)) == Reply.RATE_LIMITED
+    await alice.aclose()
+    await bob.aclose()
+
+
+async def test_forged_requests_do_not_use_up_a_sessions_allowance(
+    strict: Coordinator, clock: FakeClock
+) -> None:
+    a, _ = await logon(strict, clock, "alice", "n1")
+    await logon(strict, clock, "bob", "n2")
+    for _ in range(10):  # alice's sid, signed with another key: dropped before any counting
+        forged = Request("message-to", sid(), a, to="bob", text="x", sent_ms=clock.now)
+        assert await strict.handle(encode_request(forged, new_session_key())) is None
+    req = Request("message-to", sid(), a, to="bob", text="mine")
+    assert await handle(strict, clock, req) == Reply.SENT
+    assert strict.limited.total == 0
+
+
+async def test_rate_limited_sessions_make_one_log_line_per_period(
+    strict: Coordinator, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "messenger.coordinator")
+    a, _ = await logon(strict, clock, "alice", "n1")
+    b, _ = await logon(strict, clock, "bob", "n2")
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("rate-")]
+
+    for _ in range(50):
+        await handle(strict, clock, Request("message-to", sid(), a, to="bob", text="x"))
+    for _ in range(5):
+        await handle(strict, clock, Request("logoff", sid(), b))  # bob's 3 free, then 2 refused
+    assert lines() == [f"rate-limited 1 requests of 1 sessions (most: session {a[:8]} x1)"]
+    assert strict.limited.total == 47 + 2
+    clock.advance(strict.limited.period - 0.001)
+    strict.limited.report()
+    assert len(lines()) == 1  # still within the period
+    clock.advance(0.001)
+    strict.limited.report()
+    assert lines()[1:] == [f"rate-limited 48 requests of 2 sessions (most: session {a[:8]} x46)"]
+    strict.limited.report()
+    assert len(lines()) == 2  # nothing new: nothing said
+
+
+async def test_garbage_of_every_kind_makes_a_bounded_number_of_log_lines(
+    coord: Coordinator, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "messenger.coordinator")
+    for i in range(200):  # each with its own session, kind or time: each a reason of its own
+        await coord.handle(entry(Request("logoff", sid(), sid()), clock.now))
+        await coord.handle("0" * 64 + json.dumps({"k": f"kind{i}", "req": "a", "sid": "b"}))
+        await coord.handle("0" * 64 + json.dumps({"k": "logoff", "req": sid(), "sid": sid()}))
+    assert coord.dropped.total == 600
+    coord.dropped.report(force=True)
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) <= 1 + coord.dropped.REASONS + 1, lines  # the first one, then a period's
+    assert sum(int(line.split(" x")[1].split(":")[0]) for line in lines) == 600
+
+
+async def test_a_batch_reads_its_sessions_keys_in_two_round_trips(
+    coord: Coordinator, clock: FakeClock, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k = Keys("u")
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await logon(coord, clock, "bob", "n2")
+    gone, _ = await logon(coord, clock, "carol", "n3")
+    await handle(coord, clock, Request("logoff", sid(), gone))
+    fresh = Coordinator(redis, coord.settings, clock=clock, coordinator_id=coord.id)  # no cache
+    listening = {s: redis.pubsub() for s in (a, gone)}
+    for s, inbox in listening.items():
+        await inbox.subscribe(inbox_of(s))
+    dave = sid()
+    KEY_OF[dave] = new_session_key()
+    batch = [entry(Request("message-to", sid(), a, to="bob", text="hi"), clock.now)]
+    batch += [entry(Request("logoff", sid(), sid()), clock.now) for _ in range(90)]  # unknown
+    batch += [
+        entry(Request("message-to", sid(), gone, to="bob", text="late"), clock.now),
+        entry(Request("logon", sid(), dave, name="dave", node="n4"), clock.now),
+        entry(Request("logoff", sid(), dave), clock.now),  # a session this batch made
+    ]
+    await redis.rpush(k.requests, *batch)
+    commands: Counter[str] = Counter()
+    run = redis.execute_command
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        commands[str(args[0]).upper()] += 1
+        return await run(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "execute_command", counted)
+    assert await fresh.serve_batch()
+    assert (commands["HGET"], commands["GET"], commands["HMGET"], commands["MGET"]) == (0, 0, 1, 1)
+    assert fresh.dropped.total == 90
+    assert [json.loads(m)["r"] async for m in _drain(listening[a])] == ["sent"]
+    late = [json.loads(m)["r"] async for m in _drain(listening[gone])]
+    assert late == ["you-are-not-logged-on"]
+    assert await users(redis) == {"alice": "n1", "bob": "n2"}  # dave came and went
+    for inbox in listening.values():
+        await inbox.aclose()
+
+
+async def test_the_refusals_of_a_batch_go_out_in_one_round_trip(
+    strict: Coordinator, clock: FakeClock, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = await logon(strict, clock, "alice", "n1")
+    await logon(strict, clock, "bob", "n2")
+    inbox = redis.pubsub()
+    await inbox.subscribe(inbox_of(a))
+    requests = [Request("message-to", sid(), a, to="bob", text="x") for _ in range(50)]
+    await redis.rpush(Keys("u").requests, *(entry(r, clock.now) for r in requests))
+
+    async def one_by_one(*_args: Any) -> None:
+        raise AssertionError("a PUBLISH round trip per refusal")
+
+    monkeypatch.setattr(redis, "publish", one_by_one)
+    assert await strict.serve_batch()
+    replies = [json.loads(m) async for m in _drain(inbox)]
+    assert [r["r"] for r in replies] == ["sent"] * 3 + ["rate-limited"] * 47
+    assert {r["req"] for r in replies} == {r.req for r in requests}
+    await inbox.aclose()

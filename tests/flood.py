@@ -1,0 +1,118 @@
+"""The two attackers of tests/test_flood_integration.py, each run as a process of its own, so
+that their CPU is not taken from the honest clients whose latency the test measures.
+
+    python -m tests.flood flooder NODE TO SECONDS WORKERS
+        logs a session on (a real Client, settings from MESSENGER_*) and sends messages to TO
+        from WORKERS concurrent loops, as fast as replies come back, for SECONDS; prints
+        `flooding` once logged on, then one JSON line: how many of each reply it got.
+
+    python -m tests.flood garbage URL PREFIX RATE SECONDS
+        RPUSHes entries that are not valid requests to the request queue at RATE entries/s
+        (batches of 100 on a fixed schedule), for SECONDS; prints `pushing`, then one JSON line:
+        {"pushed": n, "seconds": s}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+from collections import Counter
+
+import redis as redis_sync
+
+from messenger.client import Client
+from messenger.connection import connect
+from messenger.errors import MessengerError
+from messenger.keys import Keys
+from messenger.settings import Settings
+
+_BATCH = 100
+
+
+def garbage_entries(count: int) -> list[str]:
+    """Entries a client credential can push that are no request: junk, and well-formed requests
+    of sessions nobody knows (the costly kind: their key must be looked up), in turn."""
+    out = []
+    for i in range(count):
+        if i % 3 == 0:
+            out.append("junk " + secrets.token_urlsafe(60))
+        elif i % 3 == 1:
+            payload = {
+                "k": "message-to",
+                "req": secrets.token_hex(16),
+                "sid": secrets.token_hex(16),
+                "t": str(int(time.time() * 1000)),
+                "to": "alice",
+                "text": "garbage",
+            }
+            out.append(secrets.token_hex(32) + json.dumps(payload, separators=(",", ":")))
+        else:
+            out.append(secrets.token_hex(32) + '{"k":"message-to","req":')
+    return out
+
+
+def push_garbage(url: str, prefix: str, rate: float, seconds: float) -> dict[str, float]:
+    db = redis_sync.Redis.from_url(url)
+    queue = Keys(prefix).requests
+    pool = garbage_entries(3 * _BATCH)
+    print("pushing", flush=True)
+    start = time.monotonic()
+    pushed = 0
+    try:
+        while (now := time.monotonic()) - start < seconds:
+            due = start + pushed / rate  # when the next batch is due, on a fixed schedule
+            if now < due:
+                time.sleep(due - now)
+                continue
+            offset = pushed % len(pool)
+            batch = (pool + pool)[offset : offset + _BATCH]
+            db.rpush(queue, *batch)
+            pushed += len(batch)
+    finally:
+        db.close()
+    return {"pushed": pushed, "seconds": round(time.monotonic() - start, 3)}
+
+
+async def flood(node: str, to: str, seconds: float, workers: int) -> Counter[str]:
+    settings = Settings.from_env(node=node)
+    redis = connect(settings.redis_url or "", socket_timeout=2.0, tls=None)
+    client = Client(redis, settings, "mallory", out=lambda _line: None)
+    replies: Counter[str] = Counter()
+    try:
+        await client.logon()
+        await client.start_serving()  # the heartbeat: the session must stay alive meanwhile
+        print("flooding", flush=True)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+
+        async def worker() -> None:
+            while loop.time() < until and not client.finished.done():
+                try:
+                    replies[await client.send(to, "flood")] += 1
+                except MessengerError as e:
+                    replies[e.message] += 1
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        await client.logoff()
+    finally:
+        await client.close()
+    return replies
+
+
+def main(argv: list[str]) -> None:
+    what, *args = argv
+    if what == "flooder":
+        node, to, seconds, workers = args
+        print(json.dumps(asyncio.run(flood(node, to, float(seconds), int(workers)))), flush=True)
+    elif what == "garbage":
+        url, prefix, rate, seconds = args
+        print(json.dumps(push_garbage(url, prefix, float(rate), float(seconds))), flush=True)
+    else:
+        raise SystemExit(f"unknown command {what!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
