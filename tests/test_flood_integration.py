@@ -7,7 +7,7 @@ talking to the real Redis: a `messenger message` command would add a Python star
 of ms, and noisy) to every figure, and could not send enough requests to give a p99; a Client
 measures exactly what a user waits for, from RPUSH to the reply on the inbox.
 
-`pytest -s` prints the figures (docs/security-floods.md has them); the test asserts only what
+`pytest -s` prints the figures (docs/security.md has them); the test asserts only what
 must hold anywhere: no honest request timed out or was refused, the flooder was told
 `rate-limited`, and the delays stay far under the reply timeout.
 """
