@@ -76,7 +76,7 @@ class Settings:
     max_message_bytes: int = 64 * 1024
     # The coordinator's limit per session (logons aside): `rate_limit` requests per second
     # after a burst of `rate_burst`; past it, requests are answered `rate-limited`. Far above
-    # what a person types, far below what a loop sends (docs/security-floods.md).
+    # what a person types, far below what a loop sends (docs/security.md, "Floods").
     rate_limit: float = 20.0
     rate_burst: int = 40
     runtime_dir: Path = field(default_factory=default_runtime_dir)

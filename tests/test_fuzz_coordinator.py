@@ -62,10 +62,26 @@ fields = st.fixed_dictionaries(
 )
 # Entries that are not signed by the session they name: random bytes, payloads under a made-up
 # or absent signature, and payloads signed with a key that is not the session's.
+# And well-formed requests of alice's own session (logoff, a message), signed wrongly: the
+# closest an attacker can come.
+as_alice = st.builds(
+    lambda kind, req: {
+        "k": kind,
+        "req": req,
+        "sid": ALICE,
+        "t": str(NOW),
+        "to": "alice",
+        "text": "x",
+    },
+    st.sampled_from(["logoff", "message-to"]),
+    st.text("0123456789abcdef", min_size=32, max_size=32),
+)
 unsigned = (
     st.text(max_size=200)
     | fields.map(lambda f: "0" * 64 + json.dumps(f))
     | fields.map(lambda f: (lambda p: sign(p, new_session_key()) + p)(json.dumps(f)))
+    | as_alice.map(lambda f: "0" * 64 + json.dumps(f))
+    | as_alice.map(lambda f: (lambda p: sign(p, new_session_key()) + p)(json.dumps(f)))
 )
 
 
