@@ -279,7 +279,7 @@ class Client:
             raise
         finally:
             self._pending.pop(request.req, None)
-            # stop() fails every pending future, this one too when it runs while the XADD is
+            # stop() fails every pending future, this one too when it runs while the push is
             # in flight (or from the except above); nobody awaits it then, so mark it retrieved
             # rather than let asyncio print "Future exception was never retrieved".
             if fut.done() and not fut.cancelled():

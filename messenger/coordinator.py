@@ -1,7 +1,7 @@
 """The coordinator: the seed's `server`, with Redis holding the user list.
 
-It is the only process that changes the user list. It serves requests from the request stream
-through a consumer group, sweeps the heartbeat deadline index, and holds a lease in Redis so that
+It is the only process that changes the user list. It serves signed requests from the request
+queue in bounded batches, sweeps the heartbeat deadline index, and holds a lease in Redis so that
 clients (and a future standby) can tell that a coordinator is alive. All of its state is in Redis:
 a restarted coordinator resumes from what Redis holds.
 """
