@@ -296,3 +296,17 @@ def test_huge_entries_are_dropped_unread_and_service_goes_on(world: World) -> No
     world.server.wait_line("longer than any request", 10, stderr=True)
     world.bob_still_gets_alice()
     assert world.admin.llen(world.keys.requests) == 0
+
+
+# --- 2. what others may see carries no secret -----------------------------------------------
+
+
+def test_what_a_client_can_read_holds_no_secret(world: World) -> None:
+    public = world.attacker.hgetall(world.keys.users)
+    assert set(public) == {"", "alice", "bob"}  # names, and the placeholder that keeps it a hash
+    text = json.dumps(public)
+    for name in ("alice", "bob"):
+        record = world.record(name)
+        for secret in (record["key"], record["sid"], record["inbox"], record["hb"]):
+            assert secret not in text
+            assert secret.rsplit(":", 1)[-1] not in text
