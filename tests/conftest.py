@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_sync
 
 from messenger import acl
 from messenger.embedded import EmbeddedRedis
+from messenger.keys import Keys
 from tests.certs import Certs, make_certs
 from tests.harness import Procs
 
@@ -166,3 +168,17 @@ def procs(redis_server: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[Pro
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     """A CA with server and client certificates (and a stranger CA), made for this session."""
     return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def db(redis_server: EmbeddedRedis) -> Iterator[Any]:
+    """The shared Redis as the trusted side sees it (its admin credential): for checks."""
+    r = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def keys(procs: Procs) -> Keys:
+    """The key names of this test's prefix."""
+    return Keys(procs.env["MESSENGER_PREFIX"])
