@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import click
 from click.core import ParameterSource
 from redis.exceptions import RedisError
 
-from messenger import __version__, local, private
+from messenger import __version__, acl, local, private
 from messenger.client import Client, UserList, list_users
 from messenger.connection import connect, describe, explain, resolve_url, server_file
 from messenger.coordinator import Coordinator
@@ -178,13 +179,22 @@ def server(*, settings: Settings, verbose: bool) -> None:
                 "--tls-ca-file, --tls-cert-file and --tls-key-file need a rediss:// "
                 "--redis-url; the embedded Redis does not use TLS"
             )
+        client_password = settings.client_password
         if url is None:
             local.ensure_runtime_dir(settings)
             _refuse_second_embedded(settings)
+            # Two credentials: the coordinator's own (the embedded Redis's admin password, kept
+            # in this process only) and the clients' (in the server file, for this host's
+            # clients). docs/security.md says why they differ.
             embedded = EmbeddedRedis().start()
             url = embedded.url
+            client_password = client_password or secrets.token_hex(16)
+            clients_url = acl.client_url(
+                "127.0.0.1", embedded.port, settings.prefix, client_password
+            )
             private.write_file(
-                path, json.dumps({"url": url, "pid": os.getpid(), "redis_pid": embedded.pid})
+                path,
+                json.dumps({"url": clients_url, "pid": os.getpid(), "redis_pid": embedded.pid}),
             )
             log.info(
                 "embedded redis-server (pid %d) on 127.0.0.1:%d; address in %s",
@@ -193,7 +203,7 @@ def server(*, settings: Settings, verbose: bool) -> None:
                 path,
             )
         redis = connect(url, socket_timeout=max(5.0, settings.reply_timeout), tls=settings.tls)
-        asyncio.run(_serve(Coordinator(redis, settings)))
+        asyncio.run(_serve(Coordinator(redis, settings, client_password=client_password)))
     finally:
         if embedded is not None:
             path.unlink(missing_ok=True)
@@ -253,12 +263,13 @@ async def _logon(name: str, settings: Settings) -> None:
     local.ensure_runtime_dir(settings)
     if await local.client_alive(settings):
         raise Rejected(Reply.ALREADY_LOGGED_ON)
-    redis = connect(
-        resolve_url(settings),
-        socket_timeout=min(2.0, settings.reply_timeout),
-        tls=settings.tls,
-    )
-    client = Client(redis, settings, name, out=echo)
+    url = resolve_url(settings)
+    timeout = min(2.0, settings.reply_timeout)
+    redis = connect(url, socket_timeout=timeout, tls=settings.tls)
+    # The heartbeat goes through its own Redis user when the URL names a client user (acl).
+    hb_url = acl.heartbeat_url(url)
+    hb_redis = None if hb_url is None else connect(hb_url, socket_timeout=timeout, tls=settings.tls)
+    client = Client(redis, settings, name, out=echo, heartbeat_redis=hb_redis)
     try:
         await client.logon()
         # Ready for `message` and `logoff` before anyone can see `logged-on` and use them.

@@ -33,7 +33,7 @@ from messenger.errors import (
     ProtocolError,
     Rejected,
 )
-from messenger.keys import Keys
+from messenger.keys import USERS_PLACEHOLDER, Keys
 from messenger.protocol import (
     STOP_REPLIES,
     AliveEvent,
@@ -226,8 +226,9 @@ class Client:
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.aclose()
+        for redis in {self.redis, self.heartbeat_redis}:
+            with contextlib.suppress(RedisError, OSError):
+                await redis.aclose()
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class Client:
             raise
         finally:
             self._pending.pop(request.req, None)
-            # stop() fails every pending future, this one too when it runs while the XADD is
+            # stop() fails every pending future, this one too when it runs while the push is
             # in flight (or from the except above); nobody awaits it then, so mark it retrieved
             # rather than let asyncio print "Future exception was never retrieved".
             if fut.done() and not fut.cancelled():
@@ -433,6 +434,7 @@ async def list_users(redis: Redis, prefix: str) -> UserList:
     What Redis holds is not trusted: an entry that does not decode is skipped and counted.
     """
     entries = cast(dict[str, str], await redis.hgetall(Keys(prefix).users))
+    entries.pop(USERS_PLACEHOLDER, None)
     users, unreadable = [], 0
     for name, raw in entries.items():
         try:

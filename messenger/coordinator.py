@@ -1,7 +1,7 @@
 """The coordinator: the seed's `server`, with Redis holding the user list.
 
-It is the only process that changes the user list. It serves requests from the request stream
-through a consumer group, sweeps the heartbeat deadline index, and holds a lease in Redis so that
+It is the only process that changes the user list. It serves signed requests from the request
+queue in bounded batches, sweeps the heartbeat deadline index, and holds a lease in Redis so that
 clients (and a future standby) can tell that a coordinator is alive. All of its state is in Redis:
 a restarted coordinator resumes from what Redis holds.
 """
@@ -23,9 +23,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from messenger import acl
 from messenger.connection import describe, explain
 from messenger.errors import LeaseLost, ProtocolError
-from messenger.keys import Keys
+from messenger.keys import USERS_PLACEHOLDER, Keys
 from messenger.protocol import (
     AliveEvent,
     Reply,
@@ -175,6 +176,7 @@ class Coordinator:
         *,
         clock: Clock | None = None,
         coordinator_id: str | None = None,
+        client_password: str | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -182,6 +184,9 @@ class Coordinator:
         self.scripts = Scripts(redis, self.keys)
         self.clock = clock
         self.id = coordinator_id or secrets.token_hex(16)
+        # The password of the Redis users it makes for clients (acl); None: it makes none.
+        self.client_password = client_password
+        self._said_no_password = False
         self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
         self._unknown: set[str] = set()  # sids this batch found nowhere (see _look_up)
         self._refusals: list[tuple[str, str]] = []  # (inbox, rate-limited reply) to publish
@@ -215,7 +220,6 @@ class Coordinator:
         announced = False
         while not stop.is_set():
             if await self.try_acquire_lease():
-                log.info("coordinator %s is active", self.id[:8])
                 return True
             if not announced:
                 log.warning("another coordinator holds the lease; waiting as standby")
@@ -394,11 +398,11 @@ class Coordinator:
 
     async def log_list(self, why: str) -> None:
         """The seed's `list is now: ...`, one line per change of the user list."""
-        count = int(await self.redis.hlen(self.keys.users))
-        if count > _LIST_LOG_LIMIT:
-            log.info("list is now: %d users (after %s)", count, why)
-            return
         users = cast(dict[str, str], await self.redis.hgetall(self.keys.users))
+        users.pop(USERS_PLACEHOLDER, None)
+        if len(users) > _LIST_LOG_LIMIT:
+            log.info("list is now: %d users (after %s)", len(users), why)
+            return
         listed = []
         for name, raw in sorted(users.items()):
             try:
@@ -446,7 +450,9 @@ class Coordinator:
             return
         self.active = True
         self.activations += 1
+        await self._provision()
         await self.sweep()
+        log.info("coordinator %s is active", self.id[:8])  # and ready: clients can log on
         await self.log_list("start")
         s = self.settings
         next_lease = next_sweep = time.monotonic()
@@ -461,6 +467,20 @@ class Coordinator:
                 next_sweep = now + s.sweep_interval
             if not await self.serve_batch():
                 await self._wait_for_requests(block)
+
+    async def _provision(self) -> None:
+        """Put the client users in place (docs/security.md); without a client password, clients
+        must be given this coordinator's own credential, which is said once."""
+        if self.client_password is None:
+            if not self._said_no_password:
+                self._said_no_password = True
+                log.warning(
+                    "no client password (MESSENGER_CLIENT_PASSWORD): no client users are made, "
+                    "so clients need this coordinator's own Redis credential"
+                )
+            return
+        if await acl.provision(self.redis, self.keys, self.client_password):
+            log.info("client users %s and %s are in place", *acl.users_of(self.keys.prefix))
 
     async def _wait_for_requests(self, block: float) -> None:
         """Nothing queued: wait up to `block` seconds for a request, moved straight into flight

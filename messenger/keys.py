@@ -22,6 +22,7 @@ coordinator's alone.
                         client's late requests still get `you-are-not-logged-on`
     {p}:done:{req}      STRING the reply to a request already applied      makes requests idempotent
     {p}:lease           STRING coordinator id with a PX TTL                 who is the active server
+    {p}:acl             STRING fingerprint of the client users' rules       provisioned already?
 
 Inbox and heartbeat ids are derived from the session's secret key (protocol.inbox_id,
 protocol.heartbeat_id), so they are unguessable, and clients can list neither keys nor channels.
@@ -30,6 +31,9 @@ protocol.heartbeat_id), so they are unguessable, and clients can list neither ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# A field the user list always has (no user is named ""), so that it always exists as a hash.
+USERS_PLACEHOLDER = ""
 
 
 @dataclass(frozen=True)
@@ -95,3 +99,7 @@ class Keys:
     @property
     def lease(self) -> str:
         return f"{self.prefix}:lease"
+
+    @property
+    def acl(self) -> str:
+        return f"{self.prefix}:acl"

@@ -1,6 +1,6 @@
 """The wire protocol, pure: reply words, requests, events, validation. No Redis in here.
 
-Requests travel to the coordinator as entries of one Redis stream (flat str -> str fields);
+Requests travel to the coordinator as signed entries of one Redis list (a MAC, then JSON);
 replies and messages travel to a client as JSON on that session's inbox channel. The Lua in
 `scripts` writes the JSON events, so the field names below are shared with it.
 """
@@ -97,7 +97,7 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
-# --- requests (client -> coordinator, stream entries) -------------------------------------------
+# --- requests (client -> coordinator, signed queue entries) -------------------------------------
 
 Kind = Literal["logon", "message-to", "logoff"]
 KINDS: tuple[Kind, ...] = ("logon", "message-to", "logoff")

@@ -76,13 +76,16 @@ class Settings:
     max_message_bytes: int = 64 * 1024
     # The coordinator's limit per session (logons aside): `rate_limit` requests per second
     # after a burst of `rate_burst`; past it, requests are answered `rate-limited`. Far above
-    # what a person types, far below what a loop sends (docs/security-floods.md).
+    # what a person types, far below what a loop sends (docs/security.md, "Floods").
     rate_limit: float = 20.0
     rate_burst: int = 40
     runtime_dir: Path = field(default_factory=default_runtime_dir)
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # The coordinator's: the password of the Redis users it makes for clients (docs/security.md).
+    # Never shown (repr) and never written anywhere by the messenger.
+    client_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in (
@@ -139,6 +142,7 @@ class Settings:
             "rate_limit": float,
             "rate_burst": int,
             "runtime_dir": Path,
+            "client_password": str,
             "tls_ca_file": Path,
             "tls_cert_file": Path,
             "tls_key_file": Path,

@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_sync
 
+from messenger import acl
 from messenger.embedded import EmbeddedRedis
+from messenger.keys import Keys
 from tests.certs import Certs, make_certs
 from tests.harness import Procs
 
@@ -132,10 +135,31 @@ def base_env(runtime_dir: str) -> dict[str, str]:
     return env
 
 
+CLIENT_PASSWORD = "client-" + secrets.token_hex(8)
+
+
+def client_url_of(server: EmbeddedRedis, prefix: str) -> str:
+    """What a client host is given: the client user's credential, nothing more."""
+    return acl.client_url("127.0.0.1", server.port, prefix, CLIENT_PASSWORD)
+
+
+def procs_on(server: EmbeddedRedis, base_env: dict[str, str]) -> Procs:
+    """Processes as deployed: `server` with the Redis admin credential and the client password
+    (it makes the client users), everything else with the client credential only."""
+    prefix = base_env["MESSENGER_PREFIX"]
+    return Procs(
+        {**base_env, "MESSENGER_REDIS_URL": client_url_of(server, prefix)},
+        server_env={
+            "MESSENGER_REDIS_URL": server.url,
+            "MESSENGER_CLIENT_PASSWORD": CLIENT_PASSWORD,
+        },
+    )
+
+
 @pytest.fixture
 def procs(redis_server: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[Procs]:
     """Start `messenger` processes against the shared real Redis; all are ended after the test."""
-    factory = Procs({**base_env, "MESSENGER_REDIS_URL": redis_server.url})
+    factory = procs_on(redis_server, base_env)
     yield factory
     factory.cleanup()
 
@@ -144,3 +168,17 @@ def procs(redis_server: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[Pro
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     """A CA with server and client certificates (and a stranger CA), made for this session."""
     return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def db(redis_server: EmbeddedRedis) -> Iterator[Any]:
+    """The shared Redis as the trusted side sees it (its admin credential): for checks."""
+    r = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def keys(procs: Procs) -> Keys:
+    """The key names of this test's prefix."""
+    return Keys(procs.env["MESSENGER_PREFIX"])

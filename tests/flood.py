@@ -30,6 +30,7 @@ from typing import Any
 
 import redis as redis_sync
 
+from messenger import acl
 from messenger.client import Client
 from messenger.connection import connect
 from messenger.errors import MessengerError, ProtocolError
@@ -87,8 +88,11 @@ def push_garbage(url: str, prefix: str, rate: float, seconds: float) -> dict[str
 async def logged_on(node: str) -> Client:
     """mallory's session, its heartbeat running."""
     settings = Settings.from_env(node=node)
-    redis = connect(settings.redis_url or "", socket_timeout=2.0, tls=None)
-    client = Client(redis, settings, "mallory", out=lambda _line: None)
+    url = settings.redis_url or ""
+    redis = connect(url, socket_timeout=2.0, tls=None)
+    hb_url = acl.heartbeat_url(url)  # a client credential's heartbeat user, as `logon` does
+    hb = None if hb_url is None else connect(hb_url, socket_timeout=2.0, tls=None)
+    client = Client(redis, settings, "mallory", out=lambda _line: None, heartbeat_redis=hb)
     await client.logon()
     await client.start_serving()  # the heartbeat: the session must stay alive meanwhile
     return client

@@ -114,8 +114,11 @@ class Proc:
 class Procs:
     """Factory for processes of one test; `cleanup()` ends every one still running."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], server_env: dict[str, str] | None = None) -> None:
+        """`env` is every process's; `server_env` adds what only a `server` gets (its own
+        Redis credential and the client password, while clients get a client credential)."""
         self.env = env
+        self.server_env = server_env or {}
         self.started: list[Proc] = []
 
     def start(self, *args: str, **env: str) -> Proc:
@@ -134,7 +137,7 @@ class Procs:
         return code, list(proc.out), "\n".join(proc.err)
 
     def server(self, *args: str, **env: str) -> Proc:
-        proc = self.start("server", *args, **env)
+        proc = self.start("server", *args, **{**self.server_env, **env})
         proc.wait_line("is active", 15.0, stderr=True)
         return proc
 

@@ -15,25 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as redis_sync
 
-from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
 from tests.harness import Procs, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def db(redis_server: EmbeddedRedis) -> Iterator[Any]:
-    r = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def keys(procs: Procs) -> Keys:
-    return Keys(procs.env["MESSENGER_PREFIX"])
 
 
 def plant_user(db: Any, keys: Keys, name: str, raw: str) -> None:

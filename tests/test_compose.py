@@ -36,7 +36,8 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "data" / "compose-spec.json"
 
 # What interpolation sees: only the password, so every other variable must bring its default.
 PASSWORD = "s3cret-Test_pw"
-INTERPOLATION_ENV = {"REDIS_PASSWORD": PASSWORD}
+CLIENT_PASSWORD = "cl1ent-Test_pw"
+INTERPOLATION_ENV = {"REDIS_PASSWORD": PASSWORD, "CLIENT_PASSWORD": CLIENT_PASSWORD}
 MESSENGER_SERVICES = {"coordinator", "client"}
 
 
@@ -270,7 +271,7 @@ def test_docker_compose_config_accepts_the_file() -> None:
     command = compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    env = {**os.environ, "REDIS_PASSWORD": PASSWORD}
+    env = {**os.environ, **INTERPOLATION_ENV}
     result = subprocess.run(
         [*command, "-f", str(COMPOSE_FILE), "--profile", "client", "config", "-q"],
         cwd=ROOT,
@@ -373,13 +374,15 @@ def strings_in(node: Any) -> Iterator[str]:
             yield from strings_in(value)
 
 
-def test_redis_has_no_default_password() -> None:
-    uses = [text for text in strings_in(load_raw()) if "REDIS_PASSWORD" in text]
-    # --requirepass, the healthcheck's REDISCLI_AUTH, and the coordinator's and client's URLs.
-    assert len(uses) >= 4, uses
+@pytest.mark.parametrize(("variable", "least"), [("REDIS_PASSWORD", 3), ("CLIENT_PASSWORD", 2)])
+def test_no_password_has_a_default(variable: str, least: int) -> None:
+    uses = [text for text in strings_in(load_raw()) if variable in text]
+    # REDIS_PASSWORD: --requirepass, the healthcheck's REDISCLI_AUTH, the coordinator's URL;
+    # CLIENT_PASSWORD: the coordinator's MESSENGER_CLIENT_PASSWORD and the client's URL.
+    assert len(uses) >= least, uses
     for text in uses:
-        for env in ({}, {"REDIS_PASSWORD": ""}):
-            with pytest.raises(MissingVariableError, match="REDIS_PASSWORD"):
+        for env in ({}, {variable: ""}):
+            with pytest.raises(MissingVariableError, match=variable):
                 interpolate(text, env)
 
 
@@ -404,13 +407,22 @@ def test_redis_healthcheck_pings_with_the_password() -> None:
     assert with_flag or service_env(redis).get("REDISCLI_AUTH") == PASSWORD
 
 
-@pytest.mark.parametrize("name", sorted(MESSENGER_SERVICES))
-def test_messenger_services_use_the_password(name: str) -> None:
-    url = urlsplit(service_env(services()[name])["MESSENGER_REDIS_URL"])
-    assert url.scheme in ("redis", "rediss")
-    assert url.hostname == "redis"
-    assert url.port == 6379
+def test_the_coordinator_has_redis_s_credential_and_provisions_the_clients() -> None:
+    env = service_env(services()["coordinator"])
+    url = urlsplit(env["MESSENGER_REDIS_URL"])
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
     assert url.password == PASSWORD
+    assert url.username in ("", None, "default")
+    assert env["MESSENGER_CLIENT_PASSWORD"] == CLIENT_PASSWORD
+
+
+def test_a_client_has_only_the_client_credential() -> None:
+    env = service_env(services()["client"])
+    url = urlsplit(env["MESSENGER_REDIS_URL"])
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    assert url.username == "messenger-client"  # the default prefix's client user (acl)
+    assert url.password == CLIENT_PASSWORD
+    assert PASSWORD not in json.dumps(services()["client"])
 
 
 def test_coordinator_waits_for_a_healthy_redis_and_restarts() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -24,6 +25,7 @@ import redis
 
 from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
+from tests.conftest import procs_on
 from tests.harness import Proc, Procs, wait_until
 
 pytestmark = pytest.mark.integration
@@ -77,7 +79,7 @@ class Store:
 
 @pytest.fixture
 def store(procs: Procs) -> Iterator[Store]:
-    s = Store(procs.env["MESSENGER_REDIS_URL"], procs.env["MESSENGER_PREFIX"])
+    s = Store(procs.server_env["MESSENGER_REDIS_URL"], procs.env["MESSENGER_PREFIX"])
     yield s
     s.close()
 
@@ -85,7 +87,7 @@ def store(procs: Procs) -> Iterator[Store]:
 @pytest.fixture
 def own_procs(own_redis: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[Procs]:
     """Processes against this test's private redis-server (which the test may kill)."""
-    factory = Procs({**base_env, "MESSENGER_REDIS_URL": own_redis.url})
+    factory = procs_on(own_redis, base_env)
     yield factory
     factory.cleanup()
 
@@ -208,8 +210,9 @@ class BlackholeProxy:
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
-    def url(self, password: str) -> str:
-        return f"redis://:{password}@127.0.0.1:{self.port}/0"
+    def url(self, url: str) -> str:
+        """`url` with this proxy's address instead of the Redis's."""
+        return re.sub(r"@127\.0\.0\.1:\d+/", f"@127.0.0.1:{self.port}/", url)
 
     def cut(self) -> None:
         self._cut.set()
@@ -369,7 +372,9 @@ def test_partitioned_client_is_logged_off_and_says_noconnection(
     procs: Procs, store: Store, proxy: BlackholeProxy, redis_server: EmbeddedRedis
 ) -> None:
     server = procs.server()  # the coordinator reaches Redis directly
-    alice = procs.logon("alice", "n1", MESSENGER_REDIS_URL=proxy.url(redis_server.password))
+    alice = procs.logon(
+        "alice", "n1", MESSENGER_REDIS_URL=proxy.url(procs.env["MESSENGER_REDIS_URL"])
+    )
     assert proxy.connections >= 2  # commands and pub/sub both go through the proxy
     # The client is healthy through the proxy: it heartbeats past a full TTL.
     sid = store.sid("alice")

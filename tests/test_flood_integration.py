@@ -8,7 +8,7 @@ talking to the real Redis: a `messenger message` command would add a Python star
 of ms, and noisy) to every figure, and could not send enough requests to give a p99; a Client
 measures exactly what a user waits for, from RPUSH to the reply on the inbox.
 
-`pytest -s` prints the figures (docs/security-floods.md has them); the test asserts only what
+`pytest -s` prints the figures (docs/security.md has them); the test asserts only what
 must hold anywhere: no honest request timed out or was refused, the flooder was told
 `rate-limited`, and the delays stay far under the reply timeout. About 25 s.
 """
@@ -29,6 +29,7 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
+from messenger import acl
 from messenger.client import Client
 from messenger.connection import connect
 from messenger.embedded import EmbeddedRedis
@@ -36,6 +37,7 @@ from messenger.errors import MessengerError
 from messenger.keys import Keys
 from messenger.protocol import Reply
 from messenger.settings import Settings
+from tests.conftest import procs_on
 from tests.flood import garbage_entries
 from tests.harness import Proc, Procs
 
@@ -54,8 +56,8 @@ MAX_DELAY = 2.0
 @pytest.fixture
 def flood_procs(own_redis: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[Procs]:
     """Processes on a Redis of this test's own: the flood must not reach other tests' keys."""
-    env = {**base_env, "MESSENGER_REDIS_URL": own_redis.url, "PYTHONPATH": str(ROOT)}
-    factory = Procs(env)
+    # As deployed: the server with Redis's credential, everyone else with the client's only.
+    factory = procs_on(own_redis, {**base_env, "PYTHONPATH": str(ROOT)})
     yield factory
     factory.cleanup()
 
@@ -83,7 +85,10 @@ class Phase:
 async def honest_client(env: dict[str, str], name: str, node: str) -> AsyncIterator[Client]:
     settings = Settings.from_env(env, node=node)
     assert settings.redis_url is not None
-    client = Client(connect(settings.redis_url, socket_timeout=2.0), settings, name, out=_ignore)
+    hb_url = acl.heartbeat_url(settings.redis_url)
+    hb = None if hb_url is None else connect(hb_url, socket_timeout=2.0)
+    redis = connect(settings.redis_url, socket_timeout=2.0)
+    client = Client(redis, settings, name, out=_ignore, heartbeat_redis=hb)
     try:
         await client.logon()
         await client.start_serving()  # the heartbeat
@@ -210,7 +215,7 @@ async def test_floods_raise_honest_latency_by_a_bounded_amount(
 
             # (c) one client credential pushing garbage at 10k entries/s
             garbage = procs.start_module(
-                "tests.flood", "garbage", own_redis.url, env["MESSENGER_PREFIX"],
+                "tests.flood", "garbage", env["MESSENGER_REDIS_URL"], env["MESSENGER_PREFIX"],
                 str(GARBAGE_RATE), str(PHASE),
             )  # fmt: skip
             await asyncio.to_thread(garbage.wait_line, "^pushing$", 15)

@@ -5,30 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as redis_sync
 
-from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
 from tests.harness import Proc, Procs, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def db(redis_server: EmbeddedRedis) -> Iterator[Any]:
-    r = redis_sync.Redis.from_url(redis_server.url, decode_responses=True)
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def keys(procs: Procs) -> Keys:
-    return Keys(procs.env["MESSENGER_PREFIX"])
 
 
 def names(db: Any, keys: Keys) -> dict[str, str]:
