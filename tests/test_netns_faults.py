@@ -362,9 +362,13 @@ def test_coordinator_hand_over(site: Site, fault: str) -> None:
             "the old leader to stand by",
         )
         assert store.redis.get(store.keys.lease) not in (None, lease_before)
+        # It went back to waiting: not active again, while the new one keeps the lease.
+        assert not has_line(active, "is active", after=mark)(), active.err[mark:]
         code, out, _ = site.message(c1, "bob", "after-the-old-leader-came-back")
         assert (code, out) == (0, ["sent"])
         bob.wait_line("^Message from alice: after-the-old-leader-came-back$", 5.0)
+        assert not has_line(active, "is active", after=mark)(), active.err[mark:]
+        assert has_line(standby, "is active")()
 
     assert alice.running, f"alice exited: {alice.out} {alice.err[-5:]}"
     assert bob.running, f"bob exited: {bob.out} {bob.err[-5:]}"
