@@ -330,6 +330,7 @@ def test_coordinator_hand_over(site: Site, fault: str) -> None:
     alice = site.logon("alice", c1)
     bob = site.logon("bob", c2)
     lease_before = store.redis.get(store.keys.lease)
+    sids = store.names()
 
     sender = Sender(site, c2, "alice", f"over-{fault}").start()
     wait_until(lambda: len(sender.results) >= 1, 10.0, "a first message before the fault")
@@ -372,6 +373,7 @@ def test_coordinator_hand_over(site: Site, fault: str) -> None:
 
     assert alice.running, f"alice exited: {alice.out} {alice.err[-5:]}"
     assert bob.running, f"bob exited: {bob.out} {bob.err[-5:]}"
+    assert store.names() == sids, "a session changed across the hand-over"
     for result in results:
         reply = _one_reply(result)
         assert reply == "sent", (
