@@ -53,6 +53,10 @@ _HOST = re.compile(
 # The only query options of a Sentinel URL: the sentinels' own credential (most run without one).
 # Anything else is refused rather than passed on, so nothing in the URL can turn TLS checks off.
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+# One sentinel's failure in a MasterNotFoundError: `<redis...host=H,port=P,...)>)>)> - error`.
+_SENTINEL_FAILURE = re.compile(
+    r"<redis\.\S*?Redis\(.*?host=([^,]+),port=(\d+),.*?\)>\)>\)> - (.*?)(?=, <redis\.|$)"
+)
 _PASSWORD_PARAM = re.compile(r"(?i)((?:^|&)[^=&]*password=)[^&]*")
 # OpenSSL's verify codes for a certificate of another host (by name, by IP address): the CA is
 # fine there, so the advice differs.
@@ -315,11 +319,13 @@ def explain(error: RedisError) -> str:
         return _explain_tls(tls_error)
     said = str(error).rstrip(". ") or type(error).__name__
     if isinstance(error, MasterNotFoundError):
-        # redis-py lists each sentinel's error with its client's repr: keep host:port of those.
-        said = re.sub(r"<redis\.[^ ]*?host=([^,]+),port=(\d+)[^ ]*?>+", r"\1:\2", said)
+        # redis-py names each sentinel that failed by its client's whole repr (every option):
+        # keep host:port and the error of each.
+        failed = [f"{host}:{port}: {why}" for host, port, why in _SENTINEL_FAILURE.findall(said)]
+        head = said.partition(" : ")[0]
         return (
-            f"no sentinel named a primary that is up ({said}): check the sentinels' addresses "
-            "and the service name"
+            f"no sentinel named a primary that is up ({'; '.join([head, *failed])}): check the "
+            "sentinels' addresses and the service name"
         )
     if isinstance(error, InvalidResponse):
         return f"that is not a Redis server (it answered: {said})"

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
+from redis.exceptions import RedisError
 
 from messenger import acl
 from messenger.cli import main
@@ -15,9 +16,11 @@ from messenger.connection import (
     check_url,
     connect,
     describe,
+    explain,
     parse_sentinel_url,
     redact,
 )
+from messenger.embedded import free_port
 from messenger.errors import ConfigError
 from messenger.settings import TlsFiles
 from tests.certs import Certs
@@ -188,3 +191,23 @@ def test_heartbeat_url_keeps_scheme_hosts_service_and_options() -> None:
     assert parsed.password == "p@ss"
     assert parsed.sentinels == parse_sentinel_url(url).sentinels
     assert acl.heartbeat_url(f"redis+sentinel://:admin@{HOSTS}/mymaster") is None
+
+
+def test_no_sentinel_answering_is_explained_in_words() -> None:
+    port = free_port()  # nothing listens there
+    redis = connect(f"redis+sentinel://:pw@127.0.0.1:{port}/mymaster", socket_timeout=1.0)
+
+    async def ping() -> str:
+        try:
+            await redis.ping()
+        except RedisError as e:
+            return explain(e)
+        finally:
+            await redis.aclose()
+        raise AssertionError("a ping without any sentinel answered")
+
+    said = asyncio.run(ping())
+    assert said.startswith("no sentinel named a primary that is up"), said
+    assert f"127.0.0.1:{port}" in said
+    assert "<redis." not in said  # redis-py's client reprs are reduced to host:port
+    assert "service name" in said
