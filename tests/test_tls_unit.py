@@ -77,7 +77,7 @@ def test_a_certificate_without_its_key_is_refused(certs: Certs) -> None:
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "unix:///tmp/redis.sock"])
 def test_tls_files_with_a_url_that_is_not_rediss_are_refused(url: str, certs: Certs) -> None:
-    with pytest.raises(ConfigError, match="need a rediss:// Redis URL"):
+    with pytest.raises(ConfigError, match=r"need a rediss:// \(or rediss\+sentinel://\) Redis URL"):
         connect(url, socket_timeout=1.0, tls=TlsFiles(ca_file=certs.ca))
 
 
