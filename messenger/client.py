@@ -106,7 +106,7 @@ class Client:
         self._clock_offset_ms = 0.0  # Redis's clock minus our monotonic one, from TIME
         # Until when a coordinator is known to be there (monotonic): its alive ticks and its
         # replies push this on; clients cannot read the lease itself.
-        self._coordinator_until = time.monotonic() + settings.lease_ttl * 1.25
+        self._coordinator_until = time.monotonic() + settings.coordinator_grace
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._finished: asyncio.Future[MessengerError | None] | None = None
         self._pubsub: PubSub | None = None
@@ -154,7 +154,7 @@ class Client:
         after = time.monotonic()
         redis_ms = secs * 1000 + micros / 1000
         self._clock_offset_ms = redis_ms - (before + after) / 2 * 1000
-        self._coordinator_until = after + self.settings.lease_ttl * 1.25
+        self._coordinator_until = after + self.settings.coordinator_grace
 
     def _redis_now(self) -> int:
         if self.clock is not None:
@@ -353,7 +353,7 @@ class Client:
             self._coordinator_until = time.monotonic() + event.within_ms / 1000
         elif isinstance(event, ReplyEvent):
             self._coordinator_until = max(
-                self._coordinator_until, time.monotonic() + self.settings.lease_ttl * 1.25
+                self._coordinator_until, time.monotonic() + self.settings.coordinator_grace
             )
             fut = self._pending.get(event.req)
             if fut is not None and not fut.done():

@@ -207,10 +207,10 @@ class Coordinator:
     # --- lease ------------------------------------------------------------------------------
 
     def _alive(self) -> str:
-        """The tick that tells clients a coordinator is there; the next one comes within a
-        refresh period, and a standby takes over within the lease TTL after the last one."""
-        ttl = self.settings.lease_ttl_ms
-        return encode_event(AliveEvent(self.id, ttl + ttl // 4 + _REPLY_MARGIN_MS))
+        """The tick that tells clients a coordinator is there, and how long they may wait for
+        the next sign of one: the next tick comes within a poll, and if this coordinator dies a
+        standby takes over within the lease TTL plus a poll (Settings.coordinator_grace)."""
+        return encode_event(AliveEvent(self.id, int(self.settings.coordinator_grace * 1000)))
 
     async def try_acquire_lease(self) -> bool:
         return await self.scripts.lease_hold(self.id, self.settings.lease_ttl_ms, self._alive())
@@ -224,7 +224,7 @@ class Coordinator:
             if not announced:
                 log.warning("another coordinator holds the lease; waiting as standby")
                 announced = True
-            await _wait(stop, self.settings.lease_ttl / 4)
+            await _wait(stop, self.settings.lease_poll)
         return False
 
     async def refresh_lease(self) -> None:
@@ -456,12 +456,12 @@ class Coordinator:
         await self.log_list("start")
         s = self.settings
         next_lease = next_sweep = time.monotonic()
-        block = max(0.001, min(s.sweep_interval, s.lease_ttl / 4))
+        block = max(0.001, min(s.sweep_interval, s.lease_poll))
         while not stop.is_set():
             now = time.monotonic()
             if now >= next_lease:
                 await self.refresh_lease()
-                next_lease = now + s.lease_ttl / 4
+                next_lease = now + s.lease_poll
             if now >= next_sweep:
                 await self.sweep()
                 next_sweep = now + s.sweep_interval
@@ -498,17 +498,23 @@ class Coordinator:
             await asyncio.sleep(block - waited)
 
     async def shutdown(self) -> None:
-        """Stopping on purpose: tell every client at once, then give the lease up.
+        """Stopping on purpose: leave the coordinators' list and give the lease up.
 
-        Only the active coordinator speaks for the service: a standby that stops (or one that
-        never reached Redis) must not stop the clients of the one that serves them."""
-        if not self.active:
-            return
+        If a standby is alive it takes over at its next poll, and the clients never notice;
+        only when none is left are the clients told at once that the service stops. A standby
+        that stops (or one that never reached Redis) says nothing to the clients either."""
         try:
-            await self.redis.publish(self.keys.control, encode_event(StoppingEvent(self.id)))
-            await self.scripts.lease_release(self.id)
+            standbys = await self.scripts.lease_release(
+                self.id, encode_event(StoppingEvent(self.id))
+            )
         except RedisError as e:
-            log.warning("could not tell clients that the server stops: %s", e)
+            if self.active:
+                log.warning("could not tell clients that the server stops: %s", e)
+            return
+        if standbys > 0:
+            log.info("lease given up; a standby takes over (%d alive)", standbys)
+        elif standbys == 0:
+            log.info("no standby is left: told every client that the server stops")
 
     async def run(self, stop: asyncio.Event) -> None:
         """serve() until stopped; a lost Redis or lease is logged and retried, never fatal.

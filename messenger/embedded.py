@@ -91,8 +91,14 @@ class EmbeddedRedis:
         die_with_parent: bool = True,
         extra_config: dict[str, str] | None = None,
         binary: str | None = None,
+        host: str = "127.0.0.1",
+        wrapper: tuple[str, ...] = (),
     ) -> None:
-        self.binary = binary  # None: whatever find_redis_server() finds at start()
+        """`host` is the address to bind (and the URL's); `wrapper` an argv prefix the server
+        runs under, e.g. `ip netns exec NS` to run it inside a network namespace (tests)."""
+        self.binary = binary
+        self.host = host
+        self.wrapper = tuple(wrapper)  # None: whatever find_redis_server() finds at start()
         self.password = secrets.token_hex(16) if password is None else password
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -103,7 +109,7 @@ class EmbeddedRedis:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int:
@@ -111,42 +117,65 @@ class EmbeddedRedis:
         return self.proc.pid
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        binary = self.binary or find_redis_server()
         self._dir = tempfile.TemporaryDirectory(prefix="messenger-redis-")
         last_error = ""
         for _attempt in range(5):  # a free port can be taken between probe and bind
             self.port = free_port()
-            # The configuration goes in on stdin (`redis-server -`), never in argv or the
-            # environment: every user of the host can read those in /proc.
-            config = {
-                "bind": "127.0.0.1",
-                "port": str(self.port),
-                "save": '""',
-                "appendonly": "no",
-                "dir": _quote(self._dir.name),
-                "daemonize": "no",
-                "loglevel": "warning",
-                **self._extra,
-            }
-            if self.password:
-                config["requirepass"] = self.password
-            self.proc = subprocess.Popen(
-                [binary, "-"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if self._die_with_parent else None,
-            )
-            assert self.proc.stdin is not None
-            with contextlib.suppress(BrokenPipeError):  # it died at once: the error tells why
-                self.proc.stdin.write("".join(f"{k} {v}\n" for k, v in config.items()).encode())
-            self.proc.stdin.close()
-            if self._wait_ready(timeout):
+            if self._launch(timeout):
                 return self
             last_error = self._collect_error()
         self.stop()
         raise ConfigError(f"embedded redis-server did not start: {last_error}")
+
+    def restart(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start again on the same port and directory (after kill()): what was persisted there
+        (with `appendonly yes` in extra_config) comes back."""
+        if self._dir is None or not self.port:
+            raise RuntimeError("restart() needs a started server")
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("redis-server is still running: kill() it first")
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        if self._launch(timeout):
+            return self
+        raise ConfigError(f"embedded redis-server did not restart: {self._collect_error()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash), keeping its port and directory for restart()."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _launch(self, timeout: float) -> bool:
+        assert self._dir is not None
+        binary = self.binary or find_redis_server()
+        # The configuration goes in on stdin (`redis-server -`), never in argv or the
+        # environment: every user of the host can read those in /proc.
+        config = {
+            "bind": self.host,
+            "port": str(self.port),
+            "save": '""',
+            "appendonly": "no",
+            "dir": _quote(self._dir.name),
+            "daemonize": "no",
+            "loglevel": "warning",
+            **self._extra,
+        }
+        if self.password:
+            config["requirepass"] = self.password
+        self.proc = subprocess.Popen(
+            [*self.wrapper, binary, "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if self._die_with_parent else None,
+        )
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # it died at once: the error tells why
+            self.proc.stdin.write("".join(f"{k} {v}\n" for k, v in config.items()).encode())
+        self.proc.stdin.close()
+        return self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> bool:
         assert self.proc is not None
@@ -155,7 +184,7 @@ class EmbeddedRedis:
             if self.proc.poll() is not None:
                 return False
             client = redis.Redis(
-                host="127.0.0.1",
+                host=self.host,
                 port=self.port,
                 password=self.password or None,
                 socket_timeout=0.5,

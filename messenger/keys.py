@@ -22,6 +22,8 @@ coordinator's alone.
                         client's late requests still get `you-are-not-logged-on`
     {p}:done:{req}      STRING the reply to a request already applied      makes requests idempotent
     {p}:lease           STRING coordinator id with a PX TTL                 who is the active server
+    {p}:coordinators    ZSET  coordinator id scored by until when it is alive (ms): the active
+                        one and its standbys, so a coordinator that stops knows if one takes over
     {p}:acl             STRING fingerprint of the client users' rules       provisioned already?
 
 Inbox and heartbeat ids are derived from the session's secret key (protocol.inbox_id,
@@ -99,6 +101,10 @@ class Keys:
     @property
     def lease(self) -> str:
         return f"{self.prefix}:lease"
+
+    @property
+    def coordinators(self) -> str:
+        return f"{self.prefix}:coordinators"
 
     @property
     def acl(self) -> str:

@@ -234,10 +234,16 @@ redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
 return 1
 """
 
-# KEYS[1] lease, [2] control channel; ARGV[1] coordinator id, [2] ttl ms, [3] alive event.
-# Takes the lease if nobody holds it, renews it if this coordinator does; returns 1 if it holds
-# it now, and then the tick tells every client that a coordinator is there.
+# KEYS[1] lease, [2] control channel, [3] coordinators
+# ARGV[1] coordinator id, [2] ttl ms, [3] alive event.
+# Every coordinator, active or standby, says here that it is alive until now + ttl. Then it takes
+# the lease if nobody holds it, renews it if it holds it; returns 1 if it holds it now, and then
+# the tick tells every client that a coordinator is there.
 _LEASE_HOLD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local holder = redis.call('GET', KEYS[1])
 if not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -249,9 +255,20 @@ redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 1
 """
 
+# KEYS[1] lease, [2] control channel, [3] coordinators; ARGV[1] coordinator id, [2] stopping
+# event. A coordinator that stops leaves the list; if it held the lease it gives it up, and
+# tells the clients to stop only when no standby is there to take over (then a standby takes
+# the lease at its next poll, and the clients never notice). Returns the standbys alive, or -1
+# if this coordinator did not hold the lease (it says nothing to anyone then).
 _LEASE_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local standbys = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
+if standbys == 0 then redis.call('PUBLISH', KEYS[2], ARGV[2]) end
+return standbys
 """
 
 
@@ -374,13 +391,21 @@ class Scripts:
         await _run(self._finish, keys=[k.lease, k.inflight], args=[coordinator, str(applied)])
 
     async def lease_hold(self, coordinator: str, ttl_ms: int, alive: str) -> bool:
-        """Take or renew the lease (and tick); False if another coordinator holds it."""
+        """Say this coordinator is alive; take or renew the lease (and tick). False if another
+        coordinator holds it."""
         k = self.keys
         return bool(
             await self._lease_hold(
-                keys=[k.lease, k.control], args=[coordinator, str(ttl_ms), alive]
+                keys=[k.lease, k.control, k.coordinators], args=[coordinator, str(ttl_ms), alive]
             )
         )
 
-    async def lease_release(self, coordinator: str) -> bool:
-        return bool(await self._lease_release(keys=[self.keys.lease], args=[coordinator]))
+    async def lease_release(self, coordinator: str, stopping: str) -> int:
+        """Leave; give the lease up if held, publishing `stopping` only if no standby is left.
+        Returns the standbys alive, or -1 if this coordinator did not hold the lease."""
+        k = self.keys
+        return int(
+            await self._lease_release(
+                keys=[k.lease, k.control, k.coordinators], args=[coordinator, stopping]
+            )
+        )

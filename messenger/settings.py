@@ -177,3 +177,15 @@ class Settings:
     @property
     def lease_ttl_ms(self) -> int:
         return int(self.lease_ttl * 1000)
+
+    @property
+    def lease_poll(self) -> float:
+        """How often a coordinator renews the lease (and ticks), and a standby tries to take it."""
+        return self.lease_ttl / 4
+
+    @property
+    def coordinator_grace(self) -> float:
+        """How long a client may go without a sign of a coordinator before it concludes that
+        none is left: a hand-over (the lease expiring, then a standby's next poll) fits in it
+        with a poll and a quarter second to spare."""
+        return self.lease_ttl + 2 * self.lease_poll + 0.25

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -35,6 +35,9 @@ class Proc:
     args: tuple[str, ...]
     env: dict[str, str]
     module: str = "messenger"  # what `python -m` runs (a test's own helper, e.g.)
+    # An argv prefix, e.g. `ip netns exec NS` (tests/netns.py): it execs the command in place,
+    # so `pid` is still the python process's own and signals reach it.
+    wrap: tuple[str, ...] = ()
     popen: subprocess.Popen[str] = field(init=False)
     out: list[str] = field(default_factory=list)
     err: list[str] = field(default_factory=list)
@@ -43,7 +46,7 @@ class Proc:
 
     def __post_init__(self) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args],
+            [*self.wrap, sys.executable, "-m", self.module, *self.args],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -121,28 +124,31 @@ class Procs:
         self.server_env = server_env or {}
         self.started: list[Proc] = []
 
-    def start(self, *args: str, **env: str) -> Proc:
-        return self.start_module("messenger", *args, **env)
+    def start(self, *args: str, wrap: Sequence[str] = (), **env: str) -> Proc:
+        return self.start_module("messenger", *args, wrap=wrap, **env)
 
-    def start_module(self, module: str, *args: str, **env: str) -> Proc:
-        """`python -m module args...`, ended by cleanup() like the others."""
-        proc = Proc(args, {**self.env, **env}, module)
+    def start_module(self, module: str, *args: str, wrap: Sequence[str] = (), **env: str) -> Proc:
+        """`python -m module args...`, ended by cleanup() like the others; `wrap` is an argv
+        prefix (a host's `ip netns exec NS`)."""
+        proc = Proc(args, {**self.env, **env}, module, tuple(wrap))
         self.started.append(proc)
         return proc
 
-    def run(self, *args: str, timeout: float = 15.0, **env: str) -> tuple[int, list[str], str]:
+    def run(
+        self, *args: str, timeout: float = 15.0, wrap: Sequence[str] = (), **env: str
+    ) -> tuple[int, list[str], str]:
         """Run a short command to its end: (exit code, stdout lines, stderr text)."""
-        proc = self.start(*args, **env)
+        proc = self.start(*args, wrap=wrap, **env)
         code = proc.wait_exit(timeout)
         return code, list(proc.out), "\n".join(proc.err)
 
-    def server(self, *args: str, **env: str) -> Proc:
-        proc = self.start("server", *args, **{**self.server_env, **env})
+    def server(self, *args: str, wrap: Sequence[str] = (), **env: str) -> Proc:
+        proc = self.start("server", *args, wrap=wrap, **{**self.server_env, **env})
         proc.wait_line("is active", 15.0, stderr=True)
         return proc
 
-    def logon(self, name: str, node: str, *args: str, **env: str) -> Proc:
-        proc = self.start("logon", name, "--node", node, *args, **env)
+    def logon(self, name: str, node: str, *args: str, wrap: Sequence[str] = (), **env: str) -> Proc:
+        proc = self.start("logon", name, "--node", node, *args, wrap=wrap, **env)
         proc.wait_line("^logged-on$", 15.0)
         return proc
 

@@ -32,7 +32,7 @@ from messenger.settings import Settings
 FAST = {
     "heartbeat_interval": 0.05,
     "heartbeat_ttl": 0.3,
-    "reply_timeout": 0.5,
+    "reply_timeout": 1.0,  # past the coordinator grace (0.85 s), as the defaults are
     "lease_ttl": 0.4,
     "sweep_interval": 0.02,
 }
@@ -164,7 +164,7 @@ async def test_no_coordinator_at_logon_is_noconnection(
 
 
 async def test_silent_coordinator_is_no_response(server: fakeredis.FakeServer, nodes: Any) -> None:
-    # A coordinator ticks (it is there) but serves no request: the seed's 5 s wait, here 0.5 s.
+    # A coordinator ticks (it is there) but serves no request: the seed's 5 s wait, here 1 s.
     r = redis_of(server)
 
     async def tick() -> None:

@@ -360,7 +360,7 @@ async def test_the_lease_refresh_ticks_on_the_control_channel(
     await control.subscribe(Keys("u").control)
     await coord.refresh_lease()
     ticks = [decode_event(m) async for m in _drain(control)]
-    assert ticks == [AliveEvent(coord.id, 2000 + 500 + 250)]  # lease TTL + a refresh + margin
+    assert ticks == [AliveEvent(coord.id, 2000 + 2 * 500 + 250)]  # lease TTL + two polls + margin
     await redis.set(Keys("u").lease, "another", px=5000)
     with pytest.raises(LeaseLost):
         await coord.refresh_lease()
@@ -656,6 +656,44 @@ async def test_the_active_one_that_stops_tells_the_clients(redis: Any, settings:
     events = [json.loads(m)["t"] async for m in _drain(control)]
     assert events[-1] == "stopping"  # after the alive ticks of a coordinator that was serving
     assert not await redis.exists(k.lease)
+    await control.aclose()
+
+
+async def test_the_active_one_that_stops_with_a_standby_hands_over_silently(
+    redis: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SIGTERMed coordinator with a standby alive tells the clients nothing: the standby takes
+    the lease at its next poll, and the clients only see its alive ticks."""
+    caplog.set_level(logging.INFO, "messenger.coordinator")
+    k = Keys("u")
+    control = redis.pubsub()
+    await control.subscribe(k.control)
+    await control.get_message(timeout=1)
+    active, standby = Coordinator(redis, settings), Coordinator(redis, settings)
+    stop_active, stop_standby = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(active.run(stop_active))
+    while await redis.get(k.lease) != active.id:
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(standby.run(stop_standby))
+    while "waiting as standby" not in caplog.text:
+        await asyncio.sleep(0.01)
+    assert await redis.zscore(k.coordinators, standby.id) is not None  # it says it is there
+    stop_active.set()
+    await asyncio.wait_for(first, 2)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.lease_poll + 2
+    while await redis.get(k.lease) != standby.id:
+        assert loop.time() < deadline, "the standby did not take over within a poll"
+        await asyncio.sleep(0.01)
+    events = [json.loads(m) async for m in _drain(control)]
+    assert "stopping" not in [e["t"] for e in events], events
+    assert events[-1] == {"t": "alive", "coordinator": standby.id, "within": "3250"}
+    assert "a standby takes over" in caplog.text
+    stop_standby.set()
+    await asyncio.wait_for(second, 2)
+    # Now the last one stops, with nobody left: the clients are told.
+    assert [json.loads(m)["t"] async for m in _drain(control)][-1] == "stopping"
+    assert await redis.zcard(k.coordinators) == 0
     await control.aclose()
 
 
