@@ -56,7 +56,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from messenger import acl, local
-from messenger.embedded import find_redis_server
+from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
 from messenger.settings import Settings
 
@@ -96,6 +96,7 @@ INVARIANTS = (
     "6 one reply per request",
     "7 a removed hung client exits after SIGCONT",
     "8 a standby takes over, the service recovers",
+    "9 an unfaulted client rides out hand-overs and Redis restarts",
 )
 
 MESSAGE_LINE = re.compile(r"^Message from (\S+): (.*)$")
@@ -193,12 +194,13 @@ class Topology(Protocol):
     network_faults: bool  # whether link/cut/netem/partition faults can be injected
 
     def argv(self, host: str, cmd: list[str]) -> list[str]: ...
+    def wrap(self, host: str) -> tuple[str, ...]: ...  # the argv prefix of argv()
     def address(self, host: str) -> str: ...  # how other hosts reach `host`
     def link_down(self, host: str) -> None: ...
     def link_up(self, host: str) -> None: ...
     def cut(self, host: str) -> None: ...
     def heal(self, host: str) -> None: ...
-    def netem(self, host: str, spec: str) -> None: ...
+    def netem(self, host: str, delay_ms: float, jitter_ms: float, loss_pct: float) -> str: ...
     def netem_clear(self, host: str) -> None: ...
     def close(self) -> None: ...
 
@@ -212,6 +214,9 @@ class LocalTopology:
     def argv(self, host: str, cmd: list[str]) -> list[str]:
         return cmd
 
+    def wrap(self, host: str) -> tuple[str, ...]:
+        return ()
+
     def address(self, host: str) -> str:
         return "127.0.0.1"
 
@@ -220,8 +225,9 @@ class LocalTopology:
 
     link_down = link_up = cut = heal = netem_clear = _unsupported
 
-    def netem(self, host: str, spec: str) -> None:
+    def netem(self, host: str, delay_ms: float, jitter_ms: float, loss_pct: float) -> str:
         self._unsupported(host)
+        return ""
 
     def close(self) -> None:
         pass
@@ -231,59 +237,25 @@ class LocalTopology:
 
 
 class SoakRedis:
-    """A redis-server with AOF on (fsync always), restartable on the same port and directory, so
-    sessions survive a restart: a kill -9 as much as a SIGTERM."""
+    """The soak's redis-server (EmbeddedRedis on the Redis host) with AOF on, fsync always, so
+    sessions survive a restart on the same port and directory: a kill -9 as much as a SIGTERM."""
 
-    def __init__(self, topology: Topology, host: str, directory: Path) -> None:
-        self.topology = topology
-        self.host = host
-        self.address = topology.address(host)
-        self.dir = directory
-        self.password = secrets.token_hex(16)
-        self.port = _free_port()
-        self.binary = find_redis_server()
-        self.proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, topology: Topology, host: str) -> None:
+        self.server = EmbeddedRedis(
+            host=topology.address(host),
+            wrapper=topology.wrap(host),
+            extra_config={"appendonly": "yes", "appendfsync": "always"},
+        )
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@{self.address}:{self.port}/0"
+        return self.server.url
 
     def client_url(self, prefix: str) -> str:
-        return acl.client_url(self.address, self.port, prefix, CLIENT_PASSWORD)
+        return acl.client_url(self.server.host, self.server.port, prefix, CLIENT_PASSWORD)
 
-    def start(self, timeout: float = 15.0) -> None:
-        config = {
-            "bind": self.address,
-            "port": str(self.port),
-            "save": '""',
-            "appendonly": "yes",
-            "appendfsync": "always",
-            "dir": f'"{self.dir}"',
-            "daemonize": "no",
-            "loglevel": "warning",
-            "requirepass": self.password,
-        }
-        # The configuration on stdin, not argv: the password must not show in /proc.
-        self.proc = subprocess.Popen(
-            self.topology.argv(self.host, [self.binary, "-"]),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.write("".join(f"{k} {v}\n" for k, v in config.items()).encode())
-        self.proc.stdin.close()
-        deadline = now() + timeout
-        while now() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            with contextlib.suppress(redis_sync.RedisError):
-                if self.admin(0.5).ping():
-                    return
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server not ready within {timeout}s")
+    def start(self) -> None:
+        self.server.start()
 
     def admin(self, timeout: float) -> redis_sync.Redis:
         return redis_sync.Redis.from_url(
@@ -294,23 +266,23 @@ class SoakRedis:
             retry=Retry(NoBackoff(), 0),
         )
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
+    def crash(self, sig: int) -> None:
+        """Down by `sig` (SIGTERM: a clean shutdown, SIGKILL: a crash), port and files kept."""
+        proc = self.server.proc
+        if sig == signal.SIGKILL or proc is None:
+            self.server.kill()
             return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
 
+    def restart(self) -> None:
+        self.server.restart()
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    def stop(self) -> None:
+        self.server.stop()
 
 
 # --- what the soak keeps track of -----------------------------------------------------------------
@@ -375,6 +347,10 @@ class Incarnation:
 
     def faulted(self, a: float, b: float) -> bool:
         return any(i.overlaps(a, b) for i in self.faults if i.cause in FATAL_KINDS)
+
+    def stderr_tail(self) -> str:
+        err = self.child.lines(stderr=True)
+        return err[-1].text[:120] if err else ""
 
     def end_reason(self) -> str:
         if self.exit_code is None:
@@ -498,8 +474,7 @@ class Soak:
         self.keys = Keys(self.prefix)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MESSENGER_")}
         self.env.update({"PYTHONUNBUFFERED": "1", "MESSENGER_PREFIX": self.prefix})
-        self.redis = SoakRedis(topology, "redis", self.tmp / "redis")
-        (self.tmp / "redis").mkdir()
+        self.redis = SoakRedis(topology, "redis")
         self.coordinators = [
             Coordinator(f"c{i}", f"coord{i}", self.tmp / f"c{i}") for i in range(2)
         ]
@@ -921,10 +896,13 @@ class Soak:
             self.later(duration, restore)
         elif kind == "client-netem":
             delay = self.rng.choice((20, 50, 100, 200))
-            spec = f"delay {delay}ms {delay // 2}ms loss {self.rng.choice((0, 1, 5, 10))}%"
-            self.topology.netem(target, spec)
+            loss = self.rng.choice((0.0, 1.0, 5.0, 10.0))
+            backend = self.topology.netem(target, delay, delay / 2, loss)
             duration = self.rng.uniform(3.0, 8.0)
-            fault.detail = f"{spec} for {duration:.1f}s"
+            fault.detail = (
+                f"delay {delay}±{delay / 2:.0f} ms, loss {loss:.0f}% ({backend}) "
+                f"for {duration:.1f}s"
+            )
             interval = Interval(t, None, kind)
             for inc in incs:
                 inc.faults.append(interval)
@@ -942,14 +920,22 @@ class Soak:
                 inc.dead.append(interval)
                 inc.faults.append(interval)
 
-    def active_coordinator(self) -> Coordinator | None:
-        """The coordinator that holds the lease (its id's first 8 digits are in its log)."""
+    def active_coordinator(self, *, with_standby: bool = False) -> Coordinator | None:
+        """The coordinator that holds the lease (its id's first 8 digits are in its log);
+        `with_standby`: only if another one is alive in Redis's list of coordinators too (a
+        coordinator back from a partition may not have reached Redis again yet)."""
         try:
             with contextlib.closing(self.redis.admin(0.5)) as admin:
                 lease = admin.get(self.keys.lease)
+                secs, micros = admin.time()
+                alive = admin.zrangebyscore(
+                    self.keys.coordinators, f"({secs * 1000 + micros // 1000}", "+inf"
+                )
         except (redis_sync.RedisError, OSError):
             return None
         if not isinstance(lease, str):
+            return None
+        if with_standby and not any(c != lease for c in alive):
             return None
         for c in self.coordinators:
             if c.child is not None and c.child.running:
@@ -962,7 +948,7 @@ class Soak:
         """Wait until both coordinators run, unfaulted, and one is active."""
         deadline = now() + RECOVERY_BOUND
         while now() < deadline and not self.stopping.is_set():
-            active = self.active_coordinator()
+            active = self.active_coordinator(with_standby=True)
             if active is not None and all(c.healthy for c in self.coordinators):
                 return active
             time.sleep(0.1)
@@ -1009,7 +995,10 @@ class Soak:
         elif kind == "coordinator-sigterm":
             active.child.signal(signal.SIGTERM)
         else:
-            self.topology.cut(active.host)
+            # Either way of losing the network: the link down, or cut off in the bridge.
+            how = self.rng.choice(("link down", "cut"))
+            fault.detail = how
+            (self.topology.link_down if how == "link down" else self.topology.cut)(active.host)
             active.partitioned = True
         self._restored(fault, gap, other)
         self._sleep_until(now() + self.rng.uniform(0.5, 2.0))
@@ -1017,7 +1006,9 @@ class Soak:
             active.child.signal(signal.SIGCONT)
             active.stopped = False
         elif kind == "coordinator-partition":
-            self.topology.heal(active.host)
+            (self.topology.link_up if fault.detail == "link down" else self.topology.heal)(
+                active.host
+            )
             active.partitioned = False
         else:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1042,9 +1033,9 @@ class Soak:
         with self.lock:
             self.redis_down.append(outage)
             self.gaps.append(gap)
-        self.redis.stop(sig)
-        time.sleep(down_for)
-        self.redis.start()
+        self.redis.crash(sig)
+        time.sleep(down_for)  # how long Redis stays down: the fault, not a wait for anything
+        self.redis.restart()
         outage.end = now()
         with contextlib.closing(self.redis.admin(1.0)) as admin:
             kept = sum(1 for sid in before if admin.hexists(self.keys.sessions, sid))
@@ -1130,7 +1121,7 @@ class Soak:
                 with contextlib.suppress(Exception):
                     c.child.close()
         with contextlib.suppress(Exception):
-            self.redis.stop(signal.SIGKILL)
+            self.redis.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # --- the end: invariants 4-7 on the outputs, then the table --------------------------------
@@ -1187,6 +1178,7 @@ class Soak:
             elif not who:
                 messages["lost (receiver faulted)"] += 1
         self._check_fences()
+        self._check_survivors()
         return Report.of(self, messages, replies)
 
     def _receiver(self, r: Request) -> Incarnation | None:
@@ -1223,6 +1215,26 @@ class Soak:
                     f"{r.op} via {r.inc.label} (up, unfaulted): no answer in "
                     f"{r.t1 - r.t0:.1f}s ({r.detail})",
                 )
+
+    def _check_survivors(self) -> None:
+        """A client that no fault touched ends only when told to (logoff): a hand-over, a
+        SIGTERMed coordinator with a standby, a Redis restart shorter than the heartbeat TTL
+        must go unnoticed (issue 12)."""
+        for inc in self.incarnations:
+            if inc.logged_on_at is None or inc.exited_at is None or inc.exit_code == 0:
+                continue
+            if inc.exit_code == -signal.SIGKILL or inc.faults:
+                continue
+            near = [
+                f"{f.kind} {f.start - inc.exited_at:+.1f}s"
+                for f in self.faults
+                if f.kind in GLOBAL_KINDS and -15.0 < f.start - inc.exited_at < 1.0
+            ]
+            self.violate(
+                INVARIANTS[8],
+                f"{inc.label} ended: {inc.end_reason()} [{inc.stderr_tail()}]; global faults "
+                f"just before: {', '.join(near) or 'none'}",
+            )
 
     def _check_fences(self) -> None:
         for f in self.faults:
