@@ -1128,11 +1128,13 @@ class Soak:
 
     def report(self) -> Report:
         printed: dict[str, list[tuple[Incarnation, str]]] = defaultdict(list)
+        printed_at: dict[str, float] = {}
         for inc in self.incarnations:
             for line in inc.child.lines():
                 m = MESSAGE_LINE.match(line.text)
                 if m:
                     printed[m[2]].append((inc, m[1]))
+                    printed_at.setdefault(m[2], line.t)
         by_text = {r.text: r for r in self.requests if r.op == "message"}
         for text, who in printed.items():
             if text not in by_text:
@@ -1162,6 +1164,10 @@ class Soak:
             if r.answer != "sent":
                 if who:
                     messages[f"printed although the reply was {r.answer}"] += 1
+                    if r.answer == "No response from server" and printed_at[r.text] > r.t1:
+                        # docs/protocol.md: such a request is never applied later. A client
+                        # stopped with the request unread measures its wait from when it reads.
+                        messages["printed after its sender gave up (No response)"] += 1
                 continue
             messages["sent"] += 1
             receiver = self._receiver(r)
@@ -1417,7 +1423,7 @@ class Report:
         for key in ("sent", "received exactly once", "lost (receiver faulted)", "lost (violation)"):
             add(f"| {key} | {self.messages[key]} |")
         for key, count in sorted(self.messages.items()):
-            if key.startswith("printed although"):
+            if key.startswith("printed a"):
                 add(f"| {key} | {count} |")
         add("")
         add("| request: answer | count |")
