@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from messenger import acl
 from messenger.connection import describe, explain
+from messenger.crashes import CrashWatch
 from messenger.errors import LeaseLost, ProtocolError
 from messenger.keys import USERS_PLACEHOLDER, Keys
 from messenger.protocol import (
@@ -198,6 +199,7 @@ class Coordinator:
             settings.rate_limit, settings.rate_burst, clock=seconds, max_buckets=_KNOWN_LIMIT
         )
         self.limited = LimitedCounter(seconds)
+        self.crashes = CrashWatch()
         self.active = False  # holds the lease, as far as it knows
         self.activations = 0  # how many times it became the active coordinator
 
@@ -354,10 +356,12 @@ class Coordinator:
             )
         elif reply == Reply.LOGGED_ON:
             self._remember(request.sid, credentials)
+            self.crashes.add(request.sid, credentials.inbox)
             # The new client learns at once how long it may go without a tick from us.
             await self.redis.publish(self.keys.control, self._alive())
             await self.log_list(f"logon {request.name}@{request.node}")
         elif reply == Reply.LOGGED_OFF:
+            self.crashes.discard(request.sid)
             await self.log_list(f"logoff {request.sid[:8]}")
         return reply
 
@@ -390,10 +394,28 @@ class Coordinator:
     async def sweep(self) -> list[tuple[str, str, str]]:
         """Log off every session whose heartbeat key has expired (the seed's EXIT)."""
         removed = await self.scripts.sweep(self.id, now=self._now())
-        for _sid, name, node in removed:
+        for sid, name, node in removed:
+            self.crashes.discard(sid)
             log.info("%s@%s missed its heartbeat deadline: logged off", name, node)
         if removed:
             await self.log_list("expiry")
+        return removed
+
+    async def remove_crashed(self) -> list[tuple[str, str, str]]:
+        """Log off every session whose client's connection is gone (messenger/crashes.py): the
+        fast path beside the heartbeat deadline."""
+        suspects = await self.crashes.suspects(self.redis)
+        if not suspects:
+            return []
+        removed = []
+        for sid, what, name, node in await self.scripts.crashed(self.id, suspects):
+            if what != "alive":  # subscribed again meanwhile: looked at again next time
+                self.crashes.discard(sid)
+            if what == "crashed":
+                removed.append((sid, name, node))
+                log.info("%s@%s lost its connection (a crash): logged off", name, node)
+        if removed:
+            await self.log_list("crash")
         return removed
 
     async def log_list(self, why: str) -> None:
@@ -451,6 +473,8 @@ class Coordinator:
         self.active = True
         self.activations += 1
         await self._provision()
+        # Redis may have restarted since the last activation: no inbox counts as seen.
+        await self.crashes.load(self.redis, self.keys)
         await self.sweep()
         log.info("coordinator %s is active", self.id[:8])  # and ready: clients can log on
         await self.log_list("start")
@@ -464,6 +488,7 @@ class Coordinator:
                 next_lease = now + s.lease_poll
             if now >= next_sweep:
                 await self.sweep()
+                await self.remove_crashed()
                 next_sweep = now + s.sweep_interval
             if not await self.serve_batch():
                 await self._wait_for_requests(block)

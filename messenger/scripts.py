@@ -193,6 +193,35 @@ end
 return out
 """
 
+# KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
+# ARGV[1] coordinator id, [2] gone-key prefix, [3] gone ttl ms, then pairs of sid, inbox.
+# The crash fast path (messenger/crashes.py): each suspect is removed only if it still is that
+# session and its inbox still has no subscriber, checked here atomically. Returns {sid, what,
+# name, node, ...}: what is 'crashed' (removed), 'gone' (no such session) or 'alive'.
+_CRASHED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
+end
+local out = {}
+for i = 4, #ARGV, 2 do
+  local sid, inbox = ARGV[i], ARGV[i + 1]
+  local raw = redis.call('HGET', KEYS[2], sid)
+  local what, name, node = 'gone', '', ''
+  if raw and record(raw).inbox == inbox then
+    if redis.call('PUBSUB', 'NUMSUB', inbox)[2] > 0 then
+      what = 'alive'
+    else
+      local s = remove_session(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], sid,
+                               ARGV[2], tonumber(ARGV[3]))
+      what, name, node = 'crashed', s.name, s.node
+    end
+  end
+  table.insert(out, sid); table.insert(out, what); table.insert(out, name)
+  table.insert(out, node)
+end
+return out
+"""
+
 # KEYS[1] lease, [2] requests, [3] inflight
 # ARGV[1] coordinator id, [2] most entries, [3] most bytes, [4] longest entry
 # The next batch: what is in flight already (left by a coordinator that died, or being
@@ -299,6 +328,7 @@ class Scripts:
         self._message = redis.register_script(frame(_MESSAGE))
         self._logoff = redis.register_script(frame(_LOGOFF))
         self._sweep = redis.register_script(_PRELUDE + _SWEEP)
+        self._crashed = redis.register_script(_PRELUDE + _CRASHED)
         self._take = redis.register_script(_TAKE)
         self._finish = redis.register_script(_FINISH)
         self._lease_hold = redis.register_script(_LEASE_HOLD)
@@ -369,6 +399,30 @@ class Scripts:
         )
         items = [_text(v) for v in flat]
         return [(items[i], items[i + 1], items[i + 2]) for i in range(0, len(items), 3)]
+
+    async def crashed(
+        self, coordinator: str, suspects: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, str, str, str]]:
+        """Remove the suspects (sid, inbox) whose inbox still has no subscriber; returns
+        (sid, what, name, node) for each: what is `crashed`, `gone` or `alive`."""
+        k = self.keys
+        flat = cast(
+            Sequence[Any],
+            await _run(
+                self._crashed,
+                keys=[k.lease, k.sessions, k.names, k.nodes, k.users, k.deadlines],
+                args=[
+                    coordinator,
+                    k.gone_prefix,
+                    str(self.gone_ttl_ms),
+                    *(item for pair in suspects for item in pair),
+                ],
+            ),
+        )
+        items = [_text(v) for v in flat]
+        return [
+            (items[i], items[i + 1], items[i + 2], items[i + 3]) for i in range(0, len(items), 4)
+        ]
 
     async def take(
         self, coordinator: str, *, most: int, budget: int, longest: int

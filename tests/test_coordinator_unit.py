@@ -697,6 +697,85 @@ async def test_the_active_one_that_stops_with_a_standby_hands_over_silently(
     await control.aclose()
 
 
+# --- the crash fast path (messenger/crashes.py) ---------------------------------------------
+
+
+async def crash(inbox: Any) -> None:
+    """What Redis does when a client's connection closes: its subscriptions go at once."""
+    _LISTENING.remove(inbox)
+    await inbox.unsubscribe()  # fakeredis keeps a closed pubsub's subscriptions
+    await inbox.aclose()
+
+
+async def test_a_client_whose_connection_is_gone_is_logged_off_at_once(
+    coord: Coordinator, clock: FakeClock, redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "messenger.coordinator")
+    a, _ = await logon(coord, clock, "alice", "n1")
+    alice = _LISTENING[-1]
+    b, _ = await logon(coord, clock, "bob", "n2")
+    assert await coord.remove_crashed() == []  # both seen with their subscriber
+    await crash(alice)
+    assert await coord.remove_crashed() == [(a, "alice", "n1")]
+    assert await users(redis) == {"bob": "n2"}  # well before any heartbeat deadline
+    assert await redis.get(Keys("u").gone(a)) is not None  # late requests still get an answer
+    assert "alice@n1 lost its connection (a crash): logged off" in caplog.text
+    assert (await logon(coord, clock, "alice", "n1"))[1] == Reply.LOGGED_ON  # at once, again
+    assert b in await redis.hkeys(Keys("u").sessions)
+
+
+async def test_a_hung_client_keeps_its_subscription_and_its_session(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    """Hung, slow or cut off, a client's connection is still open on Redis's side: only its
+    heartbeat deadline removes it, never the fast path."""
+    a, _ = await logon(coord, clock, "alice", "n1")
+    for _ in range(3):
+        clock.advance(1.0)
+        assert await coord.remove_crashed() == []
+    assert await users(redis) == {"alice": "n1"}
+    await expire(redis, a)
+    clock.advance(coord.settings.heartbeat_ttl + 0.001)
+    assert [name for _, name, _ in await coord.sweep()] == ["alice"]
+
+
+async def test_an_inbox_never_seen_subscribed_is_left_to_the_deadline(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    """After Redis restarts, every inbox is empty until its client subscribes again: a session
+    counts as crashed only once its subscriber was seen since the coordinator (re)connected."""
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await coord.crashes.load(redis, Keys("u"))  # what a (re)activation does
+    await crash(_LISTENING[-1])  # the subscriber is gone before this coordinator saw it
+    assert await coord.remove_crashed() == []
+    assert await users(redis) == {"alice": "n1"}
+    await expire(redis, a)
+    clock.advance(coord.settings.heartbeat_ttl + 0.001)
+    assert [name for _, name, _ in await coord.sweep()] == ["alice"]
+
+
+async def test_a_session_that_subscribed_again_or_left_is_not_removed_twice(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await coord.remove_crashed()
+    suspects = [(a, inbox_of(a))]
+    # The script checks again: the subscriber is there, so nothing happens.
+    assert await coord.scripts.crashed(coord.id, suspects) == [(a, "alive", "", "")]
+    await handle(coord, clock, Request("logoff", sid(), a))
+    assert await coord.scripts.crashed(coord.id, suspects) == [(a, "gone", "", "")]
+    assert await coord.remove_crashed() == []
+
+
+async def test_only_the_lease_holder_removes_crashed_sessions(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await redis.set(Keys("u").lease, "another", px=60_000)
+    with pytest.raises(LeaseLost):
+        await coord.scripts.crashed(coord.id, [(a, inbox_of(a))])
+
+
 # --- floods: a limit per session ------------------------------------------------------------
 
 

@@ -286,30 +286,33 @@ def proxy(redis_server: EmbeddedRedis) -> Iterator[BlackholeProxy]:
     p.close()
 
 
-# --- 1. a client killed with SIGKILL -------------------------------------------------------------
+# --- 1. a client killed with SIGKILL: the crash fast path ---------------------------------------
+
+CRASH_BOUND = 1.5  # the issue: a killed client is logged off within 0.5 s median, 1.5 s at worst
 
 
-def test_sigkilled_client_is_logged_off_within_ttl_plus_1s(procs: Procs, store: Store) -> None:
+def test_sigkilled_client_is_logged_off_at_once(procs: Procs, store: Store) -> None:
     server = procs.server()
-    alice = procs.logon("alice", "n1")
-    old_sid = store.sid("alice")
-    assert old_sid is not None
-
-    killed_at = time.monotonic()
-    alice.kill()
-    elapsed = watch({"removed": logged_off(store, "alice")}, killed_at, 3 * DETECTION_BOUND)
-    assert_detection_bound(elapsed["removed"], "SIGKILLed client")
-
-    server.wait_line(r"alice@n1 missed its heartbeat deadline: logged off", 5.0, stderr=True)
-    server.wait_line(r"list is now: \[\] \(after expiry\)", 5.0, stderr=True)
-    assert not store.has_session(old_sid)
-    assert store.deadline(old_sid) is None
+    times = []
+    for _ in range(3):  # the same node each time: it can log on again at once
+        alice = procs.logon("alice", "n1")
+        old_sid = store.sid("alice")
+        assert old_sid is not None
+        killed_at = time.monotonic()
+        alice.kill()
+        elapsed = watch({"removed": logged_off(store, "alice")}, killed_at, 3 * DETECTION_BOUND)
+        times.append(elapsed["removed"])
+        assert not store.has_session(old_sid)
+        assert store.deadline(old_sid) is None
+    print(f"\n[SIGKILLed client] logged off after {', '.join(f'{t:.2f}s' for t in times)}")
+    assert max(times) <= CRASH_BOUND, f"a killed client was logged off only after {times}"
+    crashed = [line for line in server.err if "alice@n1 lost its connection (a crash)" in line]
+    assert len(crashed) == 3, server.err[-10:]
+    assert not any("missed its heartbeat" in line for line in server.err)
+    server.wait_line(r"list is now: \[\] \(after crash\)", 5.0, stderr=True)
 
     # The name is free again, at another node.
     procs.logon("alice", "n2")
-    new_sid = store.sid("alice")
-    assert new_sid is not None
-    assert new_sid != old_sid
     code, out, _ = procs.run("who", "--json")
     assert code == 0
     assert json.loads(out[0]) == [{"name": "alice", "node": "n2"}]

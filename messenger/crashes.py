@@ -1,0 +1,105 @@
+"""Crashed clients, found in well under a second: the fast path beside the heartbeat TTL.
+
+A client subscribes to its session's inbox before it logs on and never unsubscribes while it
+runs, and Redis drops a closed connection's subscriptions the moment it sees the close. So an
+inbox with no subscriber left belongs to a client whose connection is gone (killed, crashed, its
+host rebooted and said so), and its session can go at once. A client that is merely slow, hung
+(SIGSTOP) or cut off keeps its connection open on Redis's side, so its subscription stays and only
+its heartbeat deadline removes it: the fast path never takes a live client early.
+
+One exception: after Redis itself restarts (or fails over), every inbox is empty until its client
+has reconnected and subscribed again. So a session counts as crashed only if this coordinator saw
+its inbox subscribed since it last (re)connected and became active (`reset`), or logged it on
+itself since then, and then saw it empty. A session never seen subscribed is left to its
+heartbeat deadline.
+
+Cost: one `PUBSUB NUMSUB` of every live session's inbox per check, sent as chunks in one
+pipeline: O(sessions) of cheap dictionary lookups in Redis each check. At most `most` inboxes are
+looked at per check, round-robin, so with more sessions than that a full round takes several
+checks (docs/reliability.md has the figures).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from messenger.keys import Keys
+
+_CHUNK = 1000  # channels per NUMSUB command: a few tens of KiB per command
+_SCAN = 1000
+
+
+def _inbox_of(raw: str) -> str | None:
+    """The inbox channel of a session record; None if the record is unusable."""
+    try:
+        inbox = json.loads(raw).get("inbox")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return inbox if isinstance(inbox, str) else None
+
+
+class CrashWatch:
+    """The live sessions' inboxes (a cache of Redis, kept by the active coordinator), and which
+    of them have been seen with a subscriber."""
+
+    def __init__(self, most: int = 10_000) -> None:
+        self.most = most
+        self._inboxes: dict[str, str] = {}  # sid -> inbox channel, of live sessions
+        self._seen: set[str] = set()  # sids whose inbox had a subscriber since reset()
+        self._round: list[str] = []  # sids still to look at in this round
+
+    def __len__(self) -> int:
+        return len(self._inboxes)
+
+    def reset(self) -> None:
+        """Forget everything: after a (re)connection, when Redis may have restarted."""
+        self._inboxes.clear()
+        self._seen.clear()
+        self._round.clear()
+
+    async def load(self, redis: Redis, keys: Keys) -> None:
+        """Read every live session's inbox (once per activation: HSCAN, not one HGETALL)."""
+        self.reset()
+        async for sid, raw in redis.hscan_iter(keys.sessions, count=_SCAN):
+            inbox = _inbox_of(cast(str, raw))
+            if inbox is not None:
+                self._inboxes[cast(str, sid)] = inbox
+
+    def add(self, sid: str, inbox: str) -> None:
+        """A session this coordinator has just logged on: seen at once, since its client
+        confirmed its subscription before it sent the logon (or it could not hear the reply),
+        so a client killed right after its logon is caught by the next check too."""
+        self._inboxes[sid] = inbox
+        self._seen.add(sid)
+
+    def discard(self, sid: str) -> None:
+        self._inboxes.pop(sid, None)
+        self._seen.discard(sid)
+
+    def _next_slice(self) -> list[str]:
+        if not self._round:
+            self._round = list(self._inboxes)
+        picked, self._round = self._round[: self.most], self._round[self.most :]
+        return [sid for sid in picked if sid in self._inboxes]
+
+    async def suspects(self, redis: Redis) -> list[tuple[str, str]]:
+        """(sid, inbox) of the sessions looked at whose inbox had a subscriber before and has
+        none now; the caller removes them with a script that checks again, atomically."""
+        sids = self._next_slice()
+        if not sids:
+            return []
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(0, len(sids), _CHUNK):
+                pipe.pubsub_numsub(*(self._inboxes[sid] for sid in sids[i : i + _CHUNK]))
+            replies: list[Any] = await pipe.execute()
+        counts = [int(count) for reply in replies for _channel, count in reply]
+        found = []
+        for sid, count in zip(sids, counts, strict=True):
+            if count > 0:
+                self._seen.add(sid)
+            elif sid in self._seen:
+                found.append((sid, self._inboxes[sid]))
+        return found
