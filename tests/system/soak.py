@@ -99,6 +99,15 @@ INVARIANTS = (
     "9 an unfaulted client rides out hand-overs and Redis restarts",
 )
 
+LOGON_REPLIES = frozenset(
+    {
+        "logged-on",
+        "user-exists-at-other-node",
+        "already-logged-on",
+        "noconnection",
+        "No response from server",
+    }
+)
 MESSAGE_LINE = re.compile(r"^Message from (\S+): (.*)$")
 ACTIVE_LINE = re.compile(r"coordinator ([0-9a-f]{8}) is active")
 CLIENT_PASSWORD = "soak-" + secrets.token_hex(12)
@@ -1127,6 +1136,12 @@ class Soak:
     # --- the end: invariants 4-7 on the outputs, then the table --------------------------------
 
     def report(self) -> Report:
+        for inc in self.incarnations:  # what the supervisor had no time to see, at the very end
+            out = inc.child.lines()
+            if inc.first_line is None and out:
+                inc.first_line = out[0].text
+                if out[0].text == "logged-on":
+                    inc.logged_on_at = out[0].t
         printed: dict[str, list[tuple[Incarnation, str]]] = defaultdict(list)
         printed_at: dict[str, float] = {}
         for inc in self.incarnations:
@@ -1183,6 +1198,8 @@ class Soak:
                 )
             elif not who:
                 messages["lost (receiver faulted)"] += 1
+        for inc in self.incarnations:
+            self._check_logon(inc, replies)
         self._check_fences()
         self._check_survivors()
         return Report.of(self, messages, replies)
@@ -1221,6 +1238,23 @@ class Soak:
                     f"{r.op} via {r.inc.label} (up, unfaulted): no answer in "
                     f"{r.t1 - r.t0:.1f}s ({r.detail})",
                 )
+
+    def _check_logon(self, inc: Incarnation, replies: Counter[str]) -> None:
+        """`logon` is a request too: its first line is its one reply, unless the soak killed
+        it (or the run ended) before it could say anything."""
+        if inc.first_line is not None:
+            replies[f"logon: {inc.first_line}"] += 1
+            if inc.first_line not in LOGON_REPLIES:
+                self.violate(INVARIANTS[5], f"logon of {inc.label} said {inc.first_line!r}")
+            return
+        killed = inc.exit_code in (None, -signal.SIGKILL) or inc.faults
+        replies["logon: (killed or faulted before any reply)" if killed else "logon: nothing"] += 1
+        if not killed:
+            self.violate(
+                INVARIANTS[5],
+                f"logon of {inc.label} ended (exit {inc.exit_code}) without a reply "
+                f"[{inc.stderr_tail()}]",
+            )
 
     def _check_survivors(self) -> None:
         """A client that no fault touched ends only when told to (logoff): a hand-over, a
