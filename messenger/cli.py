@@ -41,7 +41,9 @@ _SETTING_OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "--redis-url",
         {
             "help": "Redis to use (redis://[[user]:password@]host:port[/db], or rediss:// for "
-            "TLS). Default: the embedded Redis of a `messenger server` on this host."
+            "TLS; redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db] "
+            "for the primary that Redis Sentinels name). Default: the embedded Redis of a "
+            "`messenger server` on this host."
         },
     ),
     ("--node", {"help": "This node's name (default: the host name)."}),

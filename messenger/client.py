@@ -21,7 +21,9 @@ from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from messenger import local
 from messenger.connection import describe, explain
@@ -59,6 +61,13 @@ from messenger.protocol import (
 from messenger.settings import Settings
 
 log = logging.getLogger("messenger.client")
+
+# Seconds between attempts while Redis is away (the session has what is left of its TTL).
+_RETRY_S = 0.2
+# What may pass: a lost connection or a timeout (a restart, a failover, a partition that heals;
+# redis-py's AuthenticationError is one too: a new primary may not have the client users yet).
+# Any other error is a refusal that trying again will not change.
+_PASSING = (RedisConnectionError, RedisTimeoutError)
 
 
 def format_message(sender: str, text: str) -> str:
@@ -113,6 +122,14 @@ class Client:
         self._tasks: list[asyncio.Task[None]] = []
         self._server: asyncio.Server | None = None
         self._last_pong = time.monotonic()
+        self._entries: dict[str, str] = {}  # req -> the signed entry of each pending request
+        # After logon the client outlives a Redis outage shorter than its heartbeat TTL
+        # (a restart with persistence, a failover, a short partition): see _pubsub_lost.
+        self._serving = False
+        self._connected = asyncio.Event()  # the pub/sub connection is up and subscribed
+        self._alive_since = time.monotonic()  # when the last heartbeat that worked was sent
+        self._trouble: str | None = None  # what went wrong with Redis since the last good beat
+        self._lost_at = 0.0  # when the pub/sub connection was last lost
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -139,6 +156,8 @@ class Client:
             await self._read_clock()
         except RedisError as e:
             raise NoConnection(f"Redis at {describe(self.redis)}: {explain(e)}") from None
+        self._connected.set()
+        self._coordinator_until = time.monotonic() + self.settings.coordinator_grace
         self._spawn(self._read_events(), "event reader")
         logon = self._new("logon", name=self.name, node=self.node)
         reply = await self.request(
@@ -154,7 +173,6 @@ class Client:
         after = time.monotonic()
         redis_ms = secs * 1000 + micros / 1000
         self._clock_offset_ms = redis_ms - (before + after) / 2 * 1000
-        self._coordinator_until = after + self.settings.coordinator_grace
 
     def _redis_now(self) -> int:
         if self.clock is not None:
@@ -186,21 +204,26 @@ class Client:
             self._serve_local, self._bind_socket_path(), limit=local.line_limit(self.settings)
         )
         self._last_pong = time.monotonic()  # a slow logon must not count as a silent socket
+        self._alive_since = time.monotonic()  # the logon made the heartbeat key
+        self._serving = True
         self._spawn(self._heartbeat(), "heartbeat")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str, *, forever: bool = True) -> None:
         """Run a background task whose end, unless the client is stopping, stops the client:
-        a client must never stay logged on with no reader or no heartbeat."""
+        a client must never stay logged on with no reader or no heartbeat. A task that is not
+        `forever` may end, but not fail."""
         task = asyncio.create_task(coro, name=f"messenger client {what}")
-        task.add_done_callback(functools.partial(self._task_ended, what))
+        task.add_done_callback(functools.partial(self._task_ended, what, forever))
         self._tasks.append(task)
 
-    def _task_ended(self, what: str, task: asyncio.Task[None]) -> None:
+    def _task_ended(self, what: str, forever: bool, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
         error = task.exception()
         if error is not None:
             log.debug("the client's %s failed", what, exc_info=error)
+        elif not forever:
+            return
         if not self.finished.done():
             why = f"{type(error).__name__}: {error}" if error is not None else "it returned"
             self.stop(ClientFailure(f"this client's {what} stopped ({why}); logged off"))
@@ -263,22 +286,22 @@ class Client:
         """
         if self.finished.done():
             raise self.finished.result() or Rejected(Reply.NOT_LOGGED_ON)
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.wait_ms / 1000
+        fut: asyncio.Future[Reply] = loop.create_future()
         self._pending[request.req] = fut
         request = replace(request, sent_ms=self._redis_now())
+        entry = encode_request(request, self.key)
+        self._entries[request.req] = entry  # pushed again after a reconnection
         try:
-            try:
-                await self.redis.rpush(self.keys.requests, encode_request(request, self.key))
-            except RedisError as e:
-                if self.finished.done():  # stopped (and closed) meanwhile: say why, not this
-                    raise self.finished.result() or Rejected(Reply.NOT_LOGGED_ON) from None
-                raise NoConnection(f"Redis at {describe(self.redis)}: {explain(e)}") from None
-            reply = await self._reply(fut, request.wait_ms / 1000)
+            await self._push(entry, fut, deadline)
+            reply = await self._reply(fut, deadline)
         except (NoConnection, NoResponse) as e:
             self.stop(e)
             raise
         finally:
             self._pending.pop(request.req, None)
+            self._entries.pop(request.req, None)
             # stop() fails every pending future, this one too when it runs while the push is
             # in flight (or from the except above); nobody awaits it then, so mark it retrieved
             # rather than let asyncio print "Future exception was never retrieved".
@@ -288,16 +311,44 @@ class Client:
             self.stop(Rejected(reply))
         return reply
 
-    async def _reply(self, fut: asyncio.Future[Reply], wait: float) -> Reply:
-        """The reply, within `wait` seconds (else No response from server), unless no
-        coordinator shows a sign of life meanwhile: that is the seed's `noconnection`."""
+    async def _push(self, entry: str, fut: asyncio.Future[Reply], deadline: float) -> None:
+        """Push a request. Once logged on, a failed push is tried again until the request's
+        deadline, since the client may be reconnecting (a request pushed twice is applied
+        once: the coordinator keeps each one's reply)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        while True:
+            try:
+                await self.redis.rpush(self.keys.requests, entry)
+                return
+            except RedisError as e:
+                if self.finished.done():  # stopped (and closed) meanwhile: say why, not this
+                    raise self.finished.result() or Rejected(Reply.NOT_LOGGED_ON) from None
+                why = f"Redis at {describe(self.redis)}: {explain(e)}"
+                # Only a lost connection may come back; a refusal (WRONGTYPE, NOPERM) stays.
+                if not self._serving or not isinstance(e, _PASSING):
+                    raise NoConnection(why) from None
+                self._trouble = why
+            if loop.time() + _RETRY_S >= deadline:
+                raise NoResponse(why)
+            # The client may stop meanwhile (its futures then fail with the reason).
+            await asyncio.wait({fut}, timeout=_RETRY_S)
+            if fut.done():
+                fut.result()  # a reply (an earlier push did arrive) or the stop's reason
+                return
+
+    async def _reply(self, fut: asyncio.Future[Reply], deadline: float) -> Reply:
+        """The reply, by `deadline` (else No response from server), unless no coordinator
+        shows a sign of life meanwhile: that is the seed's `noconnection`. While the client
+        reconnects to Redis, silence says nothing (the grace starts again once it is back)."""
+        loop = asyncio.get_running_loop()
         while True:
             left = deadline - loop.time()
-            silent = self._coordinator_until - time.monotonic()
-            if silent <= 0:  # first: it says more than a timeout would
-                raise NoConnection("no coordinator is running (no sign of one)")
+            if self._connected.is_set():
+                silent = self._coordinator_until - time.monotonic()
+                if silent <= 0:  # first: it says more than a timeout would
+                    raise NoConnection("no coordinator is running (no sign of one)")
+            else:
+                silent = _RETRY_S
             if left <= 0:
                 raise NoResponse()
             done, _ = await asyncio.wait({fut}, timeout=min(left, silent))
@@ -327,21 +378,92 @@ class Client:
     # --- background tasks -------------------------------------------------------------------
 
     async def _read_events(self) -> None:
-        assert self._pubsub is not None
         while True:
+            await self._connected.wait()
+            pubsub = self._pubsub
+            assert pubsub is not None
             try:
-                msg: Any = await self._pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=1.0
-                )
+                msg: Any = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except (RedisError, OSError) as e:
-                self.stop(NoConnection(f"lost the pub/sub connection: {e}"))
-                return
+                if pubsub is self._pubsub:  # not an old one, closed by a reconnection
+                    self._pubsub_lost(f"lost the pub/sub connection: {e}")
+                continue
             if msg is None:
                 continue
-            if msg["type"] == "pong":
-                self._last_pong = time.monotonic()
-            elif msg["type"] == "message":
+            # Anything that arrives shows the connection works (our PINGs' answers, ticks).
+            self._last_pong = time.monotonic()
+            if msg["type"] == "message":
                 self._dispatch(msg["data"])
+
+    # --- outliving a Redis outage -----------------------------------------------------------
+    #
+    # A logged-on client whose connection to Redis breaks does not give up at once: Redis may be
+    # restarting (with persistence), failing over (Sentinel), or a partition may heal. Its
+    # session lives as long as its heartbeat key, so the client keeps trying until the heartbeat
+    # TTL has run out since the last heartbeat that worked. Then, or if the key turns out to be
+    # gone once Redis is back, it stops with `noconnection`. While it is away it prints nothing
+    # it was not sent, and once back it pushes its pending requests again, whose replies may
+    # have been published while nobody listened.
+
+    def _pubsub_lost(self, why: str) -> None:
+        """The pub/sub connection broke: subscribe again on a new one (before the logon is
+        through, there is nothing to save: stop)."""
+        if self.finished.done():
+            return
+        self._trouble = why
+        if not self._serving:
+            self._connected.clear()
+            self.stop(NoConnection(why))
+        elif self._connected.is_set():
+            self._connected.clear()
+            self._lost_at = time.monotonic()
+            log.warning("%s; reconnecting", why)
+            self._spawn(self._resubscribe(), "reconnection", forever=False)
+
+    def _session_left(self) -> float:
+        """Seconds until the heartbeat key expires, counted from the last beat that worked."""
+        return self._alive_since + self.settings.heartbeat_ttl - time.monotonic()
+
+    def _outlived(self) -> NoConnection:
+        return NoConnection(
+            f"Redis was unreachable for longer than the heartbeat TTL ({self._trouble})"
+        )
+
+    async def _resubscribe(self) -> None:
+        delay = 0.05
+        while not self.finished.done():
+            left = self._session_left()
+            if left <= 0:
+                self.stop(self._outlived())
+                return
+            try:
+                await asyncio.wait_for(self._subscribe_again(), left)
+                log.warning("reconnected to Redis at %s", describe(self.redis))
+                return
+            except (RedisError, OSError, TimeoutError, NoResponse) as e:
+                said = explain(e) if isinstance(e, RedisError) else str(e) or type(e).__name__
+                self._trouble = f"Redis at {describe(self.redis)}: {said}"
+            await asyncio.sleep(max(0.0, min(delay, self._session_left())))
+            delay = min(2 * delay, 0.5)
+
+    async def _subscribe_again(self) -> None:
+        old, self._pubsub = self._pubsub, self.redis.pubsub()
+        if old is not None:
+            # Closed first, so that no message can arrive twice (on the old and the new one).
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(old.aclose(), 0.5)  # type: ignore[no-untyped-call]
+        await self._pubsub.subscribe(self.inbox, self.keys.control)
+        await self._confirm_subscriptions(2)
+        await self._read_clock()  # a failover may have moved us to a host with another clock
+        if self._entries:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry in self._entries.values():
+                    pipe.rpush(self.keys.requests, entry)
+                await pipe.execute()
+        self._last_pong = time.monotonic()
+        # No tick could arrive while it was away: the silence of the outage does not count.
+        self._coordinator_until += time.monotonic() - self._lost_at
+        self._connected.set()
 
     def _dispatch(self, data: str) -> None:
         try:
@@ -367,26 +489,64 @@ class Client:
         s = self.settings
         loop = asyncio.get_running_loop()
         beat = loop.time()
+        failed = False
         while not self.finished.done():
-            # On a fixed beat: the round trips below must not stretch the period.
-            beat = max(beat + s.heartbeat_interval, loop.time())
+            # On a fixed beat: the round trips below must not stretch the period. After a
+            # failure, sooner: the session has only what is left of its TTL.
+            beat = (
+                loop.time() + min(_RETRY_S, s.heartbeat_interval)
+                if failed
+                else max(beat + s.heartbeat_interval, loop.time())
+            )
             await asyncio.sleep(beat - loop.time())
+            # Past its TTL while Redis was away, the session is gone. (A client that merely
+            # hung that long asks all the same: Redis says whether it was removed.)
+            left = self._session_left() if self._trouble is not None else None
+            if left is not None and left <= 0:
+                self.stop(self._outlived())
+                return
+            sent = time.monotonic()
             try:
                 # Only refreshes the key's TTL, never creates it: a session the coordinator
                 # removed (or whose key expired while this client hung) stays dead.
-                alive = await self.heartbeat_redis.pexpire(self.hb_key, s.heartbeat_ttl_ms)
+                alive = await asyncio.wait_for(
+                    self.heartbeat_redis.pexpire(self.hb_key, s.heartbeat_ttl_ms), left
+                )
+            except (RedisError, OSError, TimeoutError) as e:
+                said = explain(e) if isinstance(e, RedisError) else str(e) or type(e).__name__
+                if isinstance(e, RedisError) and not isinstance(e, _PASSING):
+                    self.stop(NoConnection(f"Redis at {describe(self.heartbeat_redis)}: {said}"))
+                    return
+                if not failed:
+                    log.warning("heartbeat failed (%s); trying again", said)
+                self._trouble, failed = f"Redis at {describe(self.heartbeat_redis)}: {said}", True
+                continue
+            failed = False
+            if not alive:
+                # Removed: for a reason the coordinator had (it hung past its deadline), or
+                # with everything else when Redis lost its data.
+                trouble = self._trouble
+                self.stop(
+                    Rejected(Reply.YOU_ARE_NOT_LOGGED_ON)
+                    if trouble is None
+                    else NoConnection(f"back on Redis, but the session did not survive: {trouble}")
+                )
+                return
+            self._alive_since = sent
+            if not self._connected.is_set():
+                continue  # subscribing again: the pub/sub checks wait for it
+            self._trouble = None
+            try:
                 assert self._pubsub is not None
                 # A half-open pub/sub socket is only noticed if a PING's answer is awaited.
                 await self._pubsub.ping()
             except (RedisError, OSError) as e:
-                self.stop(NoConnection(f"Redis unreachable: {e}"))
-                return
-            if not alive:
-                self.stop(Rejected(Reply.YOU_ARE_NOT_LOGGED_ON))
-            elif time.monotonic() > self._coordinator_until:
+                self._pubsub_lost(f"lost the pub/sub connection: {e}")
+                continue
+            if time.monotonic() > self._coordinator_until:
                 self.stop(NoConnection("no coordinator is running (no sign of one)"))
             elif time.monotonic() - self._last_pong > s.heartbeat_ttl + s.heartbeat_interval:
-                self.stop(NoConnection("the pub/sub connection stopped answering"))
+                self._pubsub_lost("the pub/sub connection stopped answering")
 
     async def _serve_local(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

@@ -3,6 +3,10 @@
 redis-py retries failed commands by default (with backoff up to about a second) and quietly
 reconnects pub/sub. A messenger client must notice a lost Redis within seconds, so every
 connection here has no retries and short timeouts; callers turn RedisError into NoConnection.
+
+A `redis+sentinel://` URL names Redis Sentinels and a service instead of one Redis: each new
+connection asks the sentinels where the service's primary is now, so a process that reconnects
+after a failover (a broken connection is a RedisError like any other) reaches the new primary.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import json
 import os
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
@@ -32,8 +38,26 @@ from messenger import private
 from messenger.errors import ConfigError, NoConnection
 from messenger.settings import Settings, TlsFiles
 
-_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+_TLS_SCHEMES = ("rediss", "rediss+sentinel")
+_SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 _DB_PATH = re.compile(r"/?[0-9]{0,5}")
+_DB = re.compile(r"[0-9]{1,5}")
+SENTINEL_PORT = 26379  # Sentinel's own default port
+# A Sentinel service (master) name as written in sentinel.conf: it is also sent to the sentinels
+# as a command argument, so nothing that could be mistaken for a separator.
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_HOST = re.compile(
+    r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<p6>.*))?|(?P<host>[^:\[\]]+)(?::(?P<port>.*))?"
+)
+# The only query options of a Sentinel URL: the sentinels' own credential (most run without one).
+# Anything else is refused rather than passed on, so nothing in the URL can turn TLS checks off.
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+# One sentinel's failure in a MasterNotFoundError: `<redis...host=H,port=P,...)>)>)> - error`.
+_SENTINEL_FAILURE = re.compile(
+    r"<redis\.\S*?Redis\(.*?host=([^,]+),port=(\d+),.*?\)>\)>\)> - (.*?)(?=, <redis\.|$)"
+)
+_PASSWORD_PARAM = re.compile(r"(?i)((?:^|&)[^=&]*password=)[^&]*")
 # OpenSSL's verify codes for a certificate of another host (by name, by IP address): the CA is
 # fine there, so the advice differs.
 _X509_V_ERR_HOSTNAME_MISMATCH = (62, 64)
@@ -82,8 +106,107 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A parsed `redis[s]+sentinel://[user[:password]@]host[:port][,host[:port]...]/service[/db]`.
+
+    `username`/`password` are the Redis servers' (the primary's, and a replica's once promoted);
+    `sentinel_username`/`sentinel_password` (query options) the sentinels' own, if they have one.
+    """
+
+    tls: bool
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+
+def is_sentinel(url: str) -> bool:
+    return urlsplit(url).scheme in SENTINEL_SCHEMES
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """The parts of a Sentinel URL; a ConfigError that says what is wrong with it otherwise.
+
+    urlsplit cannot read a list of hosts (its `port` fails on `h1:1,h2:2`), so the host list,
+    the path and the options are read here."""
+    shown = redact(url)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"invalid Redis Sentinel URL {shown!r}: {why}")
+
+    parts = urlsplit(url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        raise bad("the scheme must be redis+sentinel:// or rediss+sentinel://")
+    userinfo, at, hostlist = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    if not hostlist:
+        raise bad("no sentinel address (host:port[,host:port...]) after the scheme")
+    sentinels = tuple(_sentinel_address(entry, bad) for entry in hostlist.split(","))
+    service, db = _service_and_db(parts.path, bad)
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in _SENTINEL_OPTIONS:
+            raise bad(f"unknown option {key!r} (only {', '.join(_SENTINEL_OPTIONS)})")
+        if key in options:
+            raise bad(f"option {key!r} given twice")
+        options[key] = value
+    if parts.fragment:
+        raise bad("a URL fragment (#...) means nothing here")
+    return SentinelUrl(
+        tls=parts.scheme == "rediss+sentinel",
+        sentinels=sentinels,
+        service=service,
+        db=db,
+        username=username,
+        password=password,
+        sentinel_username=options.get("sentinel_username") or None,
+        sentinel_password=options.get("sentinel_password") or None,
+    )
+
+
+def _sentinel_address(entry: str, bad: Any) -> tuple[str, int]:
+    if not entry:
+        raise bad("an empty sentinel address in the host list (two commas, or a trailing one)")
+    found = _HOST.fullmatch(entry)
+    if found is None:
+        raise bad(f"sentinel address {entry!r} is not host[:port]")
+    host = found["v6"] or found["host"]
+    port = found["p6"] if found["v6"] else found["port"]
+    if port is None:
+        return host, SENTINEL_PORT
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise bad(f"sentinel address {entry!r}: the port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+def _service_and_db(path: str, bad: Any) -> tuple[str, int]:
+    names = path[1:].split("/") if path.startswith("/") else []
+    if not names or not names[0]:
+        raise bad("no service name: the path must be /<service>[/<database number>]")
+    service = unquote(names[0])
+    if not _SERVICE.fullmatch(service):
+        raise bad(
+            f"service name {service!r}: letters, digits, '.', '_' and '-' only, starting with "
+            "a letter or a digit"
+        )
+    if len(names) > 2 or (len(names) == 2 and names[1] and not _DB.fullmatch(names[1])):
+        raise bad(f"after /{names[0]} only /<database number> may follow, not {path!r}")
+    return service, int(names[1]) if len(names) == 2 and names[1] else 0
+
+
 def check_url(url: str) -> str:
     """Refuse a URL that redis-py would quietly misread (e.g. `/xyz` as database 0)."""
+    if is_sentinel(url):
+        parse_sentinel_url(url)
+        return url
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a port that is not a number
@@ -106,22 +229,48 @@ def redact(url: str) -> str:
     """The URL with its password replaced, fit for logs and error messages."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
+        # A Sentinel URL may carry the sentinels' password as an option, too.
+        query = _PASSWORD_PARAM.sub(r"\1***", parts.query)
+        if parts.password is None and query == parts.query:
             return url
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        if parts.password is not None:
+            user = parts.username or ""
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        return urlunsplit(parts._replace(query=query))
     except ValueError:
         return "<unparsable URL>"
 
 
 def describe(redis: Redis) -> str:
     """Where a client connects, without its password: for messages that say what was tried."""
-    kw = redis.connection_pool.connection_kwargs
+    pool = redis.connection_pool
+    kw = pool.connection_kwargs
+    if isinstance(pool, SentinelConnectionPool):
+        return _describe_sentinel(redis, pool)
     if "path" in kw:
         return f"unix://{kw['path']}"
     where = f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
     if issubclass(redis.connection_pool.connection_class, SSLConnection):
+        return f"{where} over TLS"
+    return where
+
+
+def _describe_sentinel(redis: Redis, pool: SentinelConnectionPool) -> str:
+    """`sentinel service S via h1:p1,h2:p2 (primary h:p)/db`: the sentinels in the URL's order
+    (redis-py reorders its own list), and the primary they named last, if any yet."""
+    addresses = getattr(redis, "sentinel_addresses", None) or [
+        (
+            s.connection_pool.connection_kwargs.get("host", "?"),
+            s.connection_pool.connection_kwargs.get("port", "?"),
+        )
+        for s in pool.sentinel_manager.sentinels
+    ]
+    via = ",".join(f"[{h}]:{p}" if ":" in str(h) else f"{h}:{p}" for h, p in addresses)
+    primary = "" if pool.master_address is None else " (primary {}:{})".format(*pool.master_address)
+    db = pool.connection_kwargs.get("db", 0)
+    where = f"sentinel service {pool.service_name} via {via}{primary}/{db}"
+    if issubclass(pool.connection_class, SSLConnection):
         return f"{where} over TLS"
     return where
 
@@ -169,6 +318,15 @@ def explain(error: RedisError) -> str:
     if tls_error is not None:
         return _explain_tls(tls_error)
     said = str(error).rstrip(". ") or type(error).__name__
+    if isinstance(error, MasterNotFoundError):
+        # redis-py names each sentinel that failed by its client's whole repr (every option):
+        # keep host:port and the error of each.
+        failed = [f"{host}:{port}: {why}" for host, port, why in _SENTINEL_FAILURE.findall(said)]
+        head = said.partition(" : ")[0]
+        return (
+            f"no sentinel named a primary that is up ({'; '.join([head, *failed])}): check the "
+            "sentinels' addresses and the service name"
+        )
     if isinstance(error, InvalidResponse):
         return f"that is not a Redis server (it answered: {said})"
     if isinstance(error, AuthenticationError | AuthorizationError | NoPermissionError):
@@ -184,10 +342,11 @@ def tls_arguments(url: str, tls: TlsFiles | None) -> dict[str, Any]:
     For rediss:// the server's certificate is always verified, host name included. The files
     are loaded once here, so a bad one is a ConfigError now, not a TLS error at every attempt.
     """
-    if urlsplit(url).scheme != "rediss":
+    if urlsplit(url).scheme not in _TLS_SCHEMES:
         if tls is not None:
             raise ConfigError(
-                "--tls-ca-file, --tls-cert-file and --tls-key-file need a rediss:// Redis URL, "
+                "--tls-ca-file, --tls-cert-file and --tls-key-file need a rediss:// (or "
+                "rediss+sentinel://) Redis URL, "
                 f"and the Redis URL is {redact(url)!r}"
             )
         return {}
@@ -222,6 +381,22 @@ def tls_arguments(url: str, tls: TlsFiles | None) -> dict[str, Any]:
     }
 
 
+class SentinelRedis(Redis):
+    """A client of a Sentinel-managed primary: closing it also closes its connections to the
+    sentinels (redis-py leaves those to whoever made the Sentinel), and it remembers the
+    sentinels in the URL's order for `describe`."""
+
+    sentinel_addresses: tuple[tuple[str, int], ...] = ()
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            pool = self.connection_pool
+            if isinstance(pool, SentinelConnectionPool):
+                await pool.sentinel_manager.aclose()
+
+
 def connect(
     url: str,
     *,
@@ -235,21 +410,55 @@ def connect(
     and no client certificate); given with any other URL, a ConfigError."""
     check_url(url)
     tls_kwargs = tls_arguments(url, tls)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        # Bytes that are not UTF-8 (from a rogue writer) must not crash a reader: they decode
+        # to U+FFFD and then fail validation like any other bad input.
+        "encoding_errors": "replace",
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(socket_timeout or 5.0, 5.0),
+        "retry": Retry(NoBackoff(), 0),
+        "client_name": name,
+        # RESP2 on purpose: under RESP3 redis-py 8 mis-parses a decoded PONG on a subscribed
+        # connection, and the client relies on pub/sub PINGs to detect a half-open socket.
+        "protocol": 2,
+    }
+    if is_sentinel(url):
+        return _connect_sentinel(parse_sentinel_url(url), options, tls_kwargs)
     try:
-        return Redis.from_url(
-            url,
-            decode_responses=True,
-            # Bytes that are not UTF-8 (from a rogue writer) must not crash a reader: they
-            # decode to U+FFFD and then fail validation like any other bad input.
-            encoding_errors="replace",
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(socket_timeout or 5.0, 5.0),
-            retry=Retry(NoBackoff(), 0),
-            client_name=name,
-            # RESP2 on purpose: under RESP3 redis-py 8 mis-parses a decoded PONG on a subscribed
-            # connection, and the client relies on pub/sub PINGs to detect a half-open socket.
-            protocol=2,
-            **tls_kwargs,
-        )
+        return Redis.from_url(url, **options, **tls_kwargs)
     except ValueError as e:
         raise ConfigError(f"invalid Redis URL: {e}") from None
+
+
+def _connect_sentinel(
+    parsed: SentinelUrl, options: dict[str, Any], tls_kwargs: dict[str, Any]
+) -> Redis:
+    """A client of the service's primary, wherever the sentinels say it is when a connection is
+    made. redis-py asks them at every new connection, and turns a READONLY reply (a connection
+    to a primary demoted meanwhile) into a ConnectionError that drops that connection; a
+    sentinel demoting a primary also kills its clients' connections. Either way the caller sees
+    a RedisError, and its next connection goes to the new primary."""
+    # The sentinels get the same fail-fast options (no retries, short timeouts), their own
+    # credential if any, and never TLS: they hand out addresses, the data goes to the servers.
+    sentinel_options = {
+        key: options[key]
+        for key in ("socket_timeout", "socket_connect_timeout", "retry", "client_name")
+    }
+    sentinel_options["decode_responses"] = True
+    if parsed.sentinel_password is not None:
+        sentinel_options["password"] = parsed.sentinel_password
+        sentinel_options["username"] = parsed.sentinel_username
+    sentinel = Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    redis: SentinelRedis = sentinel.master_for(
+        parsed.service,
+        redis_class=SentinelRedis,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        ssl=parsed.tls,
+        **options,
+        **tls_kwargs,
+    )
+    redis.sentinel_addresses = parsed.sentinels
+    return redis

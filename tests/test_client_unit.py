@@ -199,7 +199,8 @@ async def test_coordinator_gone_stops_clients_with_noconnection(
 ) -> None:
     alice = nodes("alice", "n1")
     await alice.start()
-    await coordinator.redis.delete(Keys("c").lease)  # as if it died and its lease ran out
+    # As if it died and another took the lease without ever ticking: no sign of a coordinator.
+    await coordinator.redis.set(Keys("c").lease, "someone-silent", px=60_000)
     reason = await alice.result()
     assert isinstance(reason, NoConnection)
 
@@ -337,3 +338,103 @@ async def test_a_stop_while_the_push_is_in_flight_says_why_and_nothing_else(
     with pytest.raises(Rejected, match="you-are-not-logged-on"):
         await alice.client.send("bob", "hi")
     assert not await _unretrieved_future_logged(caplog)
+
+
+# --- outliving a Redis outage shorter than the heartbeat TTL (FAST: TTL 0.3 s) ----------------
+
+
+class Outage:
+    """Makes one of a client's Redis methods fail with a lost connection until `end()`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, method: str) -> None:
+        self.calls = 0
+        self.over = False
+        real = getattr(owner, method)
+
+        async def flaky(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if not self.over:
+                raise RedisConnectionError("Connection closed by server.")
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, method, flaky)
+
+    def end(self) -> None:
+        self.over = True
+
+
+async def test_a_broken_pubsub_connection_is_replaced_and_messages_flow_again(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+    broken = bob.client._pubsub
+    assert broken is not None
+    Outage(monkeypatch, broken, "get_message")  # this connection never works again
+    await asyncio.wait_for(_until(_async(lambda: bob.client._pubsub is not broken)), 2)
+    await asyncio.wait_for(bob.client._connected.wait(), 2)
+    assert await alice.client.send("bob", "again") == Reply.SENT
+    await asyncio.wait_for(_until(_async(lambda: bob.lines)), 2)
+    assert bob.lines == ["Message from alice: again"]  # once: the old one was closed first
+    assert not bob.client.finished.done()
+    assert await list_users(coordinator.redis, "c") == ([("alice", "n1"), ("bob", "n2")], 0)
+
+
+async def test_a_heartbeat_that_fails_for_less_than_the_ttl_goes_on(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = nodes("alice", "n1")
+    await alice.start()
+    outage = Outage(monkeypatch, alice.client.heartbeat_redis, "pexpire")
+    await asyncio.wait_for(_until(_async(lambda: outage.calls >= 2)), 2)  # tried again, soon
+    outage.end()
+    await asyncio.sleep(3 * 0.3)  # three TTLs: the session must have been refreshed meanwhile
+    assert not alice.client.finished.done()
+    assert await list_users(coordinator.redis, "c") == ([("alice", "n1")], 0)
+
+
+async def test_a_heartbeat_that_fails_past_the_ttl_is_noconnection(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = nodes("alice", "n1")
+    await alice.start()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    Outage(monkeypatch, alice.client.heartbeat_redis, "pexpire")
+    reason = await alice.result()
+    assert isinstance(reason, NoConnection)
+    assert "longer than the heartbeat TTL" in reason.detail
+    assert "Connection closed by server" in reason.detail
+    assert loop.time() - started < 0.3 + 0.05 + 0.5  # TTL (+ a beat) after the last good one
+
+
+async def test_back_after_an_outage_without_the_session_is_noconnection(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarted without persistence: everything is gone, the heartbeat key too."""
+    alice = nodes("alice", "n1")
+    await alice.start()
+    outage = Outage(monkeypatch, alice.client.heartbeat_redis, "pexpire")
+    await asyncio.wait_for(_until(_async(lambda: outage.calls >= 1)), 2)
+    await coordinator.redis.delete(alice.client.hb_key)
+    outage.end()
+    reason = await alice.result()
+    assert isinstance(reason, NoConnection)
+    assert "did not survive" in reason.detail
+
+
+async def test_a_push_that_fails_while_redis_is_away_is_sent_once_it_is_back(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+    outage = Outage(monkeypatch, alice.client.redis, "rpush")
+    sending = asyncio.ensure_future(alice.client.send("bob", "patient"))
+    await asyncio.wait_for(_until(_async(lambda: outage.calls >= 2)), 2)
+    assert not sending.done()
+    outage.end()
+    assert await asyncio.wait_for(sending, 2) == Reply.SENT
+    await asyncio.wait_for(_until(_async(lambda: bob.lines)), 2)
+    assert bob.lines == ["Message from alice: patient"]

@@ -330,6 +330,7 @@ def test_coordinator_hand_over(site: Site, fault: str) -> None:
     alice = site.logon("alice", c1)
     bob = site.logon("bob", c2)
     lease_before = store.redis.get(store.keys.lease)
+    sids = store.names()
 
     sender = Sender(site, c2, "alice", f"over-{fault}").start()
     wait_until(lambda: len(sender.results) >= 1, 10.0, "a first message before the fault")
@@ -362,12 +363,17 @@ def test_coordinator_hand_over(site: Site, fault: str) -> None:
             "the old leader to stand by",
         )
         assert store.redis.get(store.keys.lease) not in (None, lease_before)
+        # It went back to waiting: not active again, while the new one keeps the lease.
+        assert not has_line(active, "is active", after=mark)(), active.err[mark:]
         code, out, _ = site.message(c1, "bob", "after-the-old-leader-came-back")
         assert (code, out) == (0, ["sent"])
         bob.wait_line("^Message from alice: after-the-old-leader-came-back$", 5.0)
+        assert not has_line(active, "is active", after=mark)(), active.err[mark:]
+        assert has_line(standby, "is active")()
 
     assert alice.running, f"alice exited: {alice.out} {alice.err[-5:]}"
     assert bob.running, f"bob exited: {bob.out} {bob.err[-5:]}"
+    assert store.names() == sids, "a session changed across the hand-over"
     for result in results:
         reply = _one_reply(result)
         assert reply == "sent", (

@@ -1,0 +1,213 @@
+"""Sentinel URLs without any server: parsing, the errors a user sees, redaction, describe()."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
+from redis.exceptions import RedisError
+
+from messenger import acl
+from messenger.cli import main
+from messenger.connection import (
+    SentinelRedis,
+    SentinelUrl,
+    check_url,
+    connect,
+    describe,
+    explain,
+    parse_sentinel_url,
+    redact,
+)
+from messenger.embedded import free_port
+from messenger.errors import ConfigError
+from messenger.settings import TlsFiles
+from tests.certs import Certs
+
+HOSTS = "h1:26379,h2:26380,[::1]:26381"
+
+
+def test_a_full_url_is_parsed() -> None:
+    url = f"redis+sentinel://messenger-client:p%40ss@{HOSTS}/mymaster/3?sentinel_password=sp"
+    assert parse_sentinel_url(url) == SentinelUrl(
+        tls=False,
+        sentinels=(("h1", 26379), ("h2", 26380), ("::1", 26381)),
+        service="mymaster",
+        db=3,
+        username="messenger-client",
+        password="p@ss",
+        sentinel_password="sp",
+    )
+
+
+def test_defaults_port_db_and_no_credentials() -> None:
+    parsed = parse_sentinel_url("rediss+sentinel://sentinel.example/prod-redis")
+    assert parsed == SentinelUrl(
+        tls=True, sentinels=(("sentinel.example", 26379),), service="prod-redis"
+    )
+    assert parse_sentinel_url("redis+sentinel://:pw@h/s/").password == "pw"
+    assert parse_sentinel_url("redis+sentinel://:pw@h/s/").db == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis+sentinel://h1:26379", "no service name"),
+        ("redis+sentinel://h1:26379/", "no service name"),
+        ("redis+sentinel:///mymaster", "no sentinel address"),
+        ("redis+sentinel://:pw@/mymaster", "no sentinel address"),
+        ("redis+sentinel://h1:26379,,h2/mymaster", "empty sentinel address"),
+        ("redis+sentinel://h1:26379,/mymaster", "empty sentinel address"),
+        ("redis+sentinel://h1:port/mymaster", "port must be a number"),
+        ("redis+sentinel://h1:0/mymaster", "port must be a number"),
+        ("redis+sentinel://h1:65536/mymaster", "port must be a number"),
+        ("redis+sentinel://h1:/mymaster", "port must be a number"),
+        ("redis+sentinel://h1:26379/mymaster/x", "database number"),
+        ("redis+sentinel://h1:26379/mymaster/1/2", "database number"),
+        ("redis+sentinel://h1:26379/mymaster/123456", "database number"),
+        ("redis+sentinel://h1:26379/my%20master", "service name"),
+        ("redis+sentinel://h1/s?ssl_cert_reqs=none", "unknown option 'ssl_cert_reqs'"),
+        ("redis+sentinel://h1/s?sentinel_password=a&sentinel_password=b", "given twice"),
+        ("redis+sentinel://h1/s#frag", "fragment"),
+    ],
+)
+def test_bad_urls_are_config_errors_that_say_what_is_wrong(url: str, words: str) -> None:
+    with pytest.raises(ConfigError, match="invalid Redis Sentinel URL") as caught:
+        check_url(url)
+    assert words in caught.value.message
+
+
+def test_the_cli_says_it_in_one_line_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["who", "--redis-url", "redis+sentinel://:secret@h1:26379,h2:x/mymaster"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "sentinel address 'h2:x'" in err
+    assert "secret" not in err
+
+
+def test_an_unknown_scheme_names_the_sentinel_ones() -> None:
+    with pytest.raises(ConfigError, match=r"redis\+sentinel://"):
+        check_url("sentinel://h1/mymaster")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            f"redis+sentinel://messenger-client:topsecret@{HOSTS}/mymaster/0",
+            f"redis+sentinel://messenger-client:***@{HOSTS}/mymaster/0",
+        ),
+        (
+            "redis+sentinel://:topsecret@h1/s?sentinel_password=topsecret",
+            "redis+sentinel://:***@h1/s?sentinel_password=***",
+        ),
+        (
+            "redis+sentinel://h1/s?sentinel_username=u&sentinel_password=topsecret",
+            "redis+sentinel://h1/s?sentinel_username=u&sentinel_password=***",
+        ),
+        ("redis+sentinel://h1,h2/s", "redis+sentinel://h1,h2/s"),
+    ],
+)
+def test_redact_hides_both_passwords(url: str, shown: str) -> None:
+    assert redact(url) == shown
+
+
+def test_a_bad_url_error_never_shows_the_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_url("redis+sentinel://u:topsecret@h1/s/x?sentinel_password=topsecret2")
+    assert "topsecret" not in caught.value.message
+
+
+def test_connect_gives_a_client_of_the_services_primary() -> None:
+    url = f"redis+sentinel://messenger-client:pw@{HOSTS}/mymaster/2?sentinel_password=sp"
+    redis = connect(url, socket_timeout=2.0, name="messenger-test")
+    assert isinstance(redis, SentinelRedis)
+    pool = redis.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "mymaster"
+    kw = pool.connection_kwargs
+    # The same fail-fast options as a plain URL's; the URL's credential is the servers'.
+    assert kw["username"] == "messenger-client"
+    assert kw["password"] == "pw"
+    assert kw["db"] == 2
+    assert kw["decode_responses"] is True
+    assert kw["encoding_errors"] == "replace"
+    assert kw["protocol"] == 2
+    assert kw["client_name"] == "messenger-test"
+    assert kw["socket_timeout"] == 2.0
+    assert kw["retry"].get_retries() == 0
+    sentinels = pool.sentinel_manager.sentinels
+    assert len(sentinels) == 3
+    for sentinel in sentinels:  # the sentinels' own credential, and no retries either
+        skw = sentinel.connection_pool.connection_kwargs
+        assert skw["password"] == "sp"
+        assert skw["retry"].get_retries() == 0
+    assert describe(redis) == "sentinel service mymaster via h1:26379,h2:26380,[::1]:26381/2"
+    pool.master_address = ("10.0.0.7", 6380)  # as after a connection was made
+    assert describe(redis) == (
+        "sentinel service mymaster via h1:26379,h2:26380,[::1]:26381 (primary 10.0.0.7:6380)/2"
+    )
+    asyncio.run(redis.aclose())
+
+
+def test_sentinels_without_a_password_get_none() -> None:
+    redis = connect("redis+sentinel://:pw@h1/mymaster", socket_timeout=1.0)
+    pool = redis.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert (
+        pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs.get("password") is None
+    )
+    asyncio.run(redis.aclose())
+
+
+def test_rediss_sentinel_is_tls_to_the_servers(certs: Certs) -> None:
+    redis = connect(
+        "rediss+sentinel://:pw@h1/mymaster", socket_timeout=1.0, tls=TlsFiles(ca_file=certs.ca)
+    )
+    pool = redis.connection_pool
+    assert issubclass(pool.connection_class, SentinelManagedSSLConnection)
+    assert pool.connection_kwargs["ssl_check_hostname"] is True
+    assert pool.connection_kwargs["ssl_cert_reqs"] == "required"
+    assert describe(redis).endswith(" over TLS")
+    asyncio.run(redis.aclose())
+
+
+def test_tls_files_need_rediss_sentinel(certs: Certs) -> None:
+    with pytest.raises(ConfigError, match=r"rediss\+sentinel://"):
+        connect("redis+sentinel://h1/mymaster", socket_timeout=1.0, tls=TlsFiles(ca_file=certs.ca))
+
+
+def test_heartbeat_url_keeps_scheme_hosts_service_and_options() -> None:
+    url = f"redis+sentinel://messenger-client:p%40ss@{HOSTS}/mymaster/0?sentinel_password=sp"
+    hb = acl.heartbeat_url(url)
+    assert (
+        hb == f"redis+sentinel://messenger-client-hb:p%40ss@{HOSTS}/mymaster/0?sentinel_password=sp"
+    )
+    parsed = parse_sentinel_url(hb)
+    assert parsed.username == "messenger-client-hb"
+    assert parsed.password == "p@ss"
+    assert parsed.sentinels == parse_sentinel_url(url).sentinels
+    assert acl.heartbeat_url(f"redis+sentinel://:admin@{HOSTS}/mymaster") is None
+
+
+def test_no_sentinel_answering_is_explained_in_words() -> None:
+    port = free_port()  # nothing listens there
+    redis = connect(f"redis+sentinel://:pw@127.0.0.1:{port}/mymaster", socket_timeout=1.0)
+
+    async def ping() -> str:
+        try:
+            await redis.ping()
+        except RedisError as e:
+            return explain(e)
+        finally:
+            await redis.aclose()
+        raise AssertionError("a ping without any sentinel answered")
+
+    said = asyncio.run(ping())
+    assert said.startswith("no sentinel named a primary that is up"), said
+    assert f"127.0.0.1:{port}" in said
+    assert "<redis." not in said  # redis-py's client reprs are reduced to host:port
+    assert "service name" in said
