@@ -68,6 +68,7 @@ DEAD_SLACK = 0.5  # the checker's poll period and scheduling noise on a shared 2
 WAIT_MS = 5000  # what each request waits: the reply timeout `messenger message` uses
 DELIVERY_WINDOW = 2.0  # a receiver must stay up this long after `sent` to owe the message
 FENCE_BOUND = 2 * HEARTBEAT_INTERVAL + 3.0  # a removed hung client exits within this of SIGCONT
+HEALED_GRACE = 1.0  # a session removed this soon after its fault was healed was its doing
 HANDOVER_BOUND = 15.0  # a standby must be active within this of a coordinator fault
 RECOVERY_BOUND = 30.0  # the service must be whole again (a coordinator active) within this
 POLL = 0.05
@@ -744,7 +745,14 @@ class Soak:
 
     def _detected(self, inc: Incarnation, t: float) -> None:
         for fault in self.faults:
-            if fault.kind in FATAL_KINDS and fault.sids.get(inc.id) == inc.sid and t >= fault.start:
+            # A removal long after a stop or partition was healed has another cause (the
+            # client went on, and later ended): it is not this fault's detection.
+            if (
+                fault.kind in FATAL_KINDS
+                and fault.sids.get(inc.id) == inc.sid
+                and fault.start <= t
+                and (fault.end is None or t <= fault.end + HEALED_GRACE)
+            ):
                 fault.detection.append(t - fault.start)
 
     # --- chat ----------------------------------------------------------------------------------
