@@ -1202,7 +1202,8 @@ class Soak:
                 messages["lost (violation)"] += 1
                 self.violate(
                     INVARIANTS[3],
-                    f"{r.text!r} `sent` to {receiver.label}, which stayed up, never printed",
+                    f"{r.text!r} `sent` to {receiver.label}, which stayed up, never printed "
+                    f"(faults near: {self._near(r.t0)})",
                 )
             elif not who:
                 messages["lost (receiver faulted)"] += 1
@@ -1263,6 +1264,15 @@ class Soak:
                 f"logon of {inc.label} ended (exit {inc.exit_code}) without a reply "
                 f"[{inc.stderr_tail()}]",
             )
+
+    def _near(self, t: float) -> str:
+        """The faults that started within 10 s before `t` (or just after), for a diagnosis."""
+        near = [
+            f"{f.kind} on {f.target} {f.start - t:+.1f}s"
+            for f in self.faults
+            if -10.0 < f.start - t < 1.0
+        ]
+        return ", ".join(near) or "none"
 
     def _check_survivors(self) -> None:
         """A client that no fault touched ends only when told to (logoff): a hand-over, a
