@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -315,6 +316,8 @@ def _local_call(settings: Settings, request: dict[str, str]) -> None:
     # The client's request waits no longer than this command does (so a request that this
     # command gave up on is never applied), and its answer gets half a second to come back.
     request["wait_ms"] = str(settings.reply_timeout_ms)
+    # And if the client reads it late (it hung meanwhile), it knows when this command gave up.
+    request["until_ms"] = str(int(time.time() * 1000) + settings.reply_timeout_ms)
     answer = asyncio.run(local.call(settings, request, settings.reply_timeout + 0.5))
     reply = str(answer.get("reply", ""))
     echo(printable(reply))

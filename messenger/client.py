@@ -68,6 +68,8 @@ _RETRY_S = 0.2
 # redis-py's AuthenticationError is one too: a new primary may not have the client users yet).
 # Any other error is a refusal that trying again will not change.
 _PASSING = (RedisConnectionError, RedisTimeoutError)
+# A command's request that has less than this left of its command's wait is not sent at all.
+_LOCAL_MARGIN_MS = 100
 
 
 def format_message(sender: str, text: str) -> str:
@@ -570,10 +572,17 @@ class Client:
             req = decode_local_request(line)
             if req.op == "ping":
                 return {"reply": "pong", "name": self.name}
+            wait_ms = req.wait_ms
+            if req.until_ms:
+                left = req.until_ms - int(time.time() * 1000)
+                if left <= _LOCAL_MARGIN_MS:  # read too late (this client hung): never sent
+                    error = NoResponse("the command had given up before this client read it")
+                    return {"reply": error.message, "exit": str(error.exit_code)}
+                wait_ms = min(wait_ms, left) if wait_ms else left
             if req.op == "logoff":
-                reply = await self.logoff(wait_ms=req.wait_ms)
+                reply = await self.logoff(wait_ms=wait_ms)
             else:
-                reply = await self.send(req.to, req.text, wait_ms=req.wait_ms)
+                reply = await self.send(req.to, req.text, wait_ms=wait_ms)
             return {"reply": reply.value}
         except MessengerError as e:
             return {"reply": e.message, "exit": str(e.exit_code)}

@@ -363,6 +363,13 @@ class LocalRequest:
     text: str = ""
     # How long the command waits for the answer; the client's request must not outlive it.
     wait_ms: int = 0
+    # When the command stops waiting (ms since the epoch on this host's clock, which the
+    # command and its client share; 0: not said). A client that reads the request late (it
+    # hung) must not send what its command has given up on.
+    until_ms: int = 0
+
+
+_UNTIL_RE = re.compile(r"[0-9]{1,16}")
 
 
 def encode_local(obj: dict[str, str]) -> bytes:
@@ -375,11 +382,13 @@ def decode_local_request(line: bytes) -> LocalRequest:
     wait = obj.get("wait_ms", "0")
     if not isinstance(wait, str) or not _WAIT_RE.fullmatch(wait):
         raise ProtocolError(f"bad wait_ms {printable(str(wait)[:20])!r}")
+    until = obj.get("until_ms", "0")
+    if not isinstance(until, str) or not _UNTIL_RE.fullmatch(until):
+        raise ProtocolError(f"bad until_ms {printable(str(until)[:20])!r}")
     op = obj.get("op")
     if op == "message":
-        return LocalRequest(
-            "message", _field(obj, "to", "message"), _field(obj, "text", "message"), int(wait)
-        )
+        to, text = _field(obj, "to", "message"), _field(obj, "text", "message")
+        return LocalRequest("message", to, text, int(wait), int(until))
     if op in ("logoff", "ping"):
-        return LocalRequest(op, wait_ms=int(wait))
+        return LocalRequest(op, wait_ms=int(wait), until_ms=int(until))
     raise ProtocolError(f"unknown local op {printable(str(op)[:40])!r}")

@@ -300,6 +300,27 @@ def test_a_command_that_gave_up_is_never_applied(procs: Procs) -> None:
     assert not [line for line in bob.out if "too-late" in line]
 
 
+def test_a_command_whose_client_hung_is_never_applied_after_it_gave_up(procs: Procs) -> None:
+    """The client reads the command's request only after it is continued, past the command's
+    wait: it must not send it then (the command printed `No response from server`)."""
+    procs.server()
+    alice = procs.logon("alice", "n1")
+    bob = procs.logon("bob", "n2")
+    alice.signal(signal.SIGSTOP)
+    try:
+        code, out, _ = procs.run(
+            "message", "bob", "too-late", "--node", "n1", MESSENGER_REPLY_TIMEOUT="1"
+        )
+        assert (code, out) == (4, ["No response from server"])
+    finally:
+        alice.signal(signal.SIGCONT)
+    # Continued within its heartbeat TTL, alice is still logged on and works.
+    code, out, _ = procs.run("message", "bob", "in-time", "--node", "n1")
+    assert (code, out) == (0, ["sent"])
+    bob.wait_line("^Message from alice: in-time$")
+    assert not [line for line in bob.out if "too-late" in line]
+
+
 def test_one_embedded_server_per_host_and_a_stale_file_is_replaced(
     base_env: dict[str, str],
 ) -> None:

@@ -787,6 +787,8 @@ class Soak:
         req = Request(op, node, inc, to, text, now())
         with self.lock:
             self.requests.append(req)
+        # As `messenger message` does: a client that reads it late (hung) knows it gave up.
+        payload = {**payload, "until_ms": str(int(time.time() * 1000) + WAIT_MS)}
         answer, lines, detail = call_node(node.socket_path, payload, WAIT_MS / 1000 + 3.0)
         req.t1, req.answer, req.lines, req.detail = now(), answer, lines, detail
 
