@@ -201,6 +201,7 @@ class Coordinator:
         self.limited = LimitedCounter(seconds)
         self.crashes = CrashWatch()
         self.active = False  # holds the lease, as far as it knows
+        self._reached_redis = False  # Redis answered since the last failure (see run)
         self.activations = 0  # how many times it became the active coordinator
 
     def _now(self) -> int | None:
@@ -215,7 +216,9 @@ class Coordinator:
         return encode_event(AliveEvent(self.id, int(self.settings.coordinator_grace * 1000)))
 
     async def try_acquire_lease(self) -> bool:
-        return await self.scripts.lease_hold(self.id, self.settings.lease_ttl_ms, self._alive())
+        held = await self.scripts.lease_hold(self.id, self.settings.lease_ttl_ms, self._alive())
+        self._reached_redis = True  # see run(): Redis answered, so a failure now is an outage
+        return held
 
     async def acquire_lease(self, stop: asyncio.Event) -> bool:
         """Wait (as a standby) until this coordinator holds the lease; False if told to stop."""
@@ -544,18 +547,27 @@ class Coordinator:
     async def run(self, stop: asyncio.Event) -> None:
         """serve() until stopped; a lost Redis or lease is logged and retried, never fatal.
 
-        Each failed attempt is one log line that says what was tried and what went wrong, and
-        the retries back off (up to a few seconds) while Redis stays unusable.
+        Each failed attempt is one log line that says what was tried and what went wrong. For a
+        heartbeat TTL after Redis was lost (a restart, a failover), attempts come every 0.25 s:
+        the sessions live that long, and their clients are coming back too, needing the client
+        users this coordinator makes again on a Redis that lost them. After that, and when Redis
+        never worked at all (a wrong address), the retries back off up to a few seconds.
         """
         failures = 0
+        outage_since: float | None = None
         while not stop.is_set():
-            activations = self.activations
+            self._reached_redis = False
             try:
                 await self.serve(stop)
             except RedisError as e:
-                # Back off while Redis stays unusable; start afresh once it has worked again.
-                failures = 1 if self.activations != activations else failures + 1
-                delay = _RETRY_DELAYS[min(failures, len(_RETRY_DELAYS)) - 1]
+                now = time.monotonic()
+                if self._reached_redis:  # it worked a moment ago: an outage starts now
+                    outage_since, failures = now, 0
+                if outage_since is not None and now - outage_since < self.settings.heartbeat_ttl:
+                    delay = _RETRY_DELAYS[0]
+                else:
+                    failures += 1
+                    delay = _RETRY_DELAYS[min(failures, len(_RETRY_DELAYS)) - 1]
                 log.error(
                     "Redis at %s: %s; retrying in %.2g s", describe(self.redis), explain(e), delay
                 )

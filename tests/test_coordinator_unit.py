@@ -697,6 +697,46 @@ async def test_the_active_one_that_stops_with_a_standby_hands_over_silently(
     await control.aclose()
 
 
+async def _retry_delays(
+    coord: Coordinator, caplog: pytest.LogCaptureFixture, answers: list[bool], seconds: float
+) -> list[str]:
+    """Run `coord` for `seconds` while its lease script answers `answers`, then fails with a
+    lost connection; return the delays its log lines announce."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def lease_hold(*args: Any) -> bool:
+        if answers:
+            return answers.pop(0)
+        raise RedisConnectionError("Connection refused")
+
+    coord.scripts.lease_hold = lease_hold  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(coord.run(stop))
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    return [
+        r.message.rsplit("retrying in ", 1)[1] for r in caplog.records if "retrying" in r.message
+    ]
+
+
+async def test_after_an_outage_the_coordinator_retries_fast_for_a_heartbeat_ttl(
+    redis: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answered (here: the lease is another's), then went away: the sessions live for a
+    heartbeat TTL, so the coordinator comes back at once rather than backing off."""
+    delays = await _retry_delays(Coordinator(redis, settings), caplog, [False], 1.6)
+    assert len(delays) >= 4, delays
+    assert set(delays) == {"0.25 s"}, delays
+
+
+async def test_a_redis_that_never_answered_is_retried_with_back_off(
+    redis: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    delays = await _retry_delays(Coordinator(redis, settings), caplog, [], 2.0)
+    assert delays[:3] == ["0.25 s", "0.5 s", "1 s"], delays
+
+
 # --- the crash fast path (messenger/crashes.py) ---------------------------------------------
 
 
