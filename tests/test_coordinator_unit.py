@@ -709,7 +709,7 @@ async def _retry_delays(
             return answers.pop(0)
         raise RedisConnectionError("Connection refused")
 
-    coord.scripts.lease_hold = lease_hold  # type: ignore[method-assign]
+    coord.scripts.lease_hold = lease_hold  # type: ignore[method-assign,assignment]
     stop = asyncio.Event()
     task = asyncio.create_task(coord.run(stop))
     await asyncio.sleep(seconds)
