@@ -145,9 +145,20 @@ class Client:
         """End the client: None for a clean logoff, else the error it ends with."""
         if not self.finished.done():
             self.finished.set_result(reason)
+        # A request still waiting for its reply may have been applied: its command must not be
+        # told a server's word that says it was not (`you-are-not-logged-on`), only that no
+        # reply came, or that the connection is gone.
+        unanswered: MessengerError = (
+            reason
+            if isinstance(reason, NoConnection | NoResponse)
+            else NoResponse(
+                "this client stopped before the reply came: "
+                + (reason.message if reason is not None else "logged off")
+            )
+        )
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(reason or Rejected(Reply.NOT_LOGGED_ON))
+                fut.set_exception(unanswered)
 
     async def logon(self) -> None:
         """Log the user on; raises Rejected, NoConnection or NoResponse if that fails."""

@@ -438,3 +438,23 @@ async def test_a_push_that_fails_while_redis_is_away_is_sent_once_it_is_back(
     assert await asyncio.wait_for(sending, 2) == Reply.SENT
     await asyncio.wait_for(_until(_async(lambda: bob.lines)), 2)
     assert bob.lines == ["Message from alice: patient"]
+
+
+async def test_a_request_in_flight_when_the_client_stops_is_no_response_not_a_servers_word(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It may have been applied: `you-are-not-logged-on` (the reason the client stops) would say
+    it was not."""
+    alice = nodes("alice", "n1")
+    await alice.start()
+
+    async def pushed_but_unanswered(*args: Any, **kwargs: Any) -> int:
+        return 1
+
+    monkeypatch.setattr(alice.client.redis, "rpush", pushed_but_unanswered)
+    sending = asyncio.ensure_future(alice.client.send("bob", "in flight"))
+    await asyncio.wait_for(_until(_async(lambda: alice.client._pending)), 2)
+    alice.client.stop(Rejected(Reply.YOU_ARE_NOT_LOGGED_ON))
+    with pytest.raises(NoResponse) as caught:
+        await sending
+    assert "stopped before the reply came: you-are-not-logged-on" in caught.value.detail
