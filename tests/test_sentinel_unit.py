@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    SentinelConnectionPool,
+    SentinelManagedSSLConnection,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from messenger import acl
 from messenger.cli import main
 from messenger.connection import (
+    PrimaryMoved,
     SentinelRedis,
     SentinelUrl,
     check_url,
@@ -18,6 +26,7 @@ from messenger.connection import (
     describe,
     explain,
     parse_sentinel_url,
+    primary_moved,
     redact,
 )
 from messenger.embedded import free_port
@@ -211,3 +220,92 @@ def test_no_sentinel_answering_is_explained_in_words() -> None:
     assert f"127.0.0.1:{port}" in said
     assert "<redis." not in said  # redis-py's client reprs are reduced to host:port
     assert "service name" in said
+
+
+# --- primary_moved ----------------------------
+
+OLD, NEW = ("10.0.0.1", 6379), ("10.0.0.2", 6379)
+
+
+class FakeSentinel:
+    """One sentinel's SENTINEL MASTERS, as redis-py parses it (or the error it raises)."""
+
+    def __init__(self, names: tuple[str, int] | Exception) -> None:
+        self.names = names
+        self.asked = 0
+
+    async def sentinel_masters(self) -> dict[str, dict[str, Any]]:
+        self.asked += 1
+        if isinstance(self.names, Exception):
+            raise self.names
+        host, port = self.names
+        return {"mymaster": {"ip": host, "port": port, "is_master": True}}
+
+
+class FakeManager:
+    """The sentinel manager of a pool: discover_master asks the first sentinel, as redis-py's."""
+
+    def __init__(self, *names: tuple[str, int] | Exception) -> None:
+        self.sentinels = [FakeSentinel(n) for n in names]
+        self.discovered = 0
+
+    async def discover_master(self, service: str) -> tuple[str, int]:
+        assert service == "mymaster"
+        self.discovered += 1
+        first = self.sentinels[0].names
+        if isinstance(first, Exception):
+            raise MasterNotFoundError(f"No master found for {service!r}")
+        return first
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _sentinel_client(manager: FakeManager, on: tuple[str, int] | None = OLD) -> Redis:
+    redis = connect(f"redis+sentinel://:pw@{HOSTS}/mymaster", socket_timeout=1.0)
+    pool = redis.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    pool.sentinel_manager = manager
+    pool.master_address = on  # where its connections go, as after one was made
+    return redis
+
+
+def test_primary_moved_is_none_at_once_without_sentinel(monkeypatch: pytest.MonkeyPatch) -> None:
+    redis = connect(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1.0)
+
+    def no_io(*_: object, **__: object) -> None:
+        raise AssertionError("primary_moved made a connection for a client of one Redis")
+
+    monkeypatch.setattr(redis.connection_pool, "get_connection", no_io)
+    assert asyncio.run(primary_moved(redis)) is None
+
+
+def test_primary_not_moved_costs_one_sentinel_answer() -> None:
+    manager = FakeManager(OLD, OLD, OLD)
+    assert asyncio.run(primary_moved(_sentinel_client(manager))) is None
+    assert manager.discovered == 1
+    assert [s.asked for s in manager.sentinels] == [0, 0, 0]
+    # No connection made yet: nothing to compare with, nothing asked.
+    fresh = FakeManager(NEW, NEW, NEW)
+    assert asyncio.run(primary_moved(_sentinel_client(fresh, on=None))) is None
+    assert fresh.discovered == 0
+
+
+def test_primary_moved_once_most_sentinels_name_another() -> None:
+    lost = RedisConnectionError("a sentinel is down")
+    Names = list[tuple[tuple[str, int] | Exception, ...]]
+    moves: Names = [(NEW, NEW, NEW), (NEW, NEW, OLD), (NEW, lost, NEW)]
+    for names in moves:
+        moved = asyncio.run(primary_moved(_sentinel_client(FakeManager(*names))))
+        assert moved == PrimaryMoved(OLD, NEW), names
+        assert str(moved) == "the sentinels name 10.0.0.2:6379 as primary now, not 10.0.0.1:6379"
+    # One sentinel alone (cut off during a failover, say) is not enough: the old address would
+    # be acted on (CLIENT KILL there) while the others still name it.
+    too_few: Names = [(NEW, OLD, OLD), (NEW, lost, lost), (NEW, OLD, lost)]
+    for names in too_few:
+        assert asyncio.run(primary_moved(_sentinel_client(FakeManager(*names)))) is None, names
+
+
+def test_primary_moved_is_no_news_when_no_sentinel_answers() -> None:
+    manager = FakeManager(RedisConnectionError("down"), RedisConnectionError("down"))
+    assert asyncio.run(primary_moved(_sentinel_client(manager))) is None
