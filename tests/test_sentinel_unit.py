@@ -15,7 +15,7 @@ from redis.asyncio.sentinel import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from messenger import acl
+from messenger import acl, coordinator
 from messenger.cli import main
 from messenger.connection import (
     PrimaryMoved,
@@ -29,12 +29,14 @@ from messenger.connection import (
     primary_moved,
     redact,
 )
+from messenger.coordinator import Coordinator
 from messenger.embedded import free_port
 from messenger.errors import ConfigError
-from messenger.settings import TlsFiles
+from messenger.settings import Settings, TlsFiles
 from tests.certs import Certs
 
 HOSTS = "h1:26379,h2:26380,[::1]:26381"
+SETTINGS = Settings(redis_url="redis://fake", node="test", prefix="u")
 
 
 def test_a_full_url_is_parsed() -> None:
@@ -222,7 +224,7 @@ def test_no_sentinel_answering_is_explained_in_words() -> None:
     assert "service name" in said
 
 
-# --- primary_moved ----------------------------
+# --- primary_moved, close_clients_on and the coordinator's use of them ----------------------------
 
 OLD, NEW = ("10.0.0.1", 6379), ("10.0.0.2", 6379)
 
@@ -309,3 +311,81 @@ def test_primary_moved_once_most_sentinels_name_another() -> None:
 def test_primary_moved_is_no_news_when_no_sentinel_answers() -> None:
     manager = FakeManager(RedisConnectionError("down"), RedisConnectionError("down"))
     assert asyncio.run(primary_moved(_sentinel_client(manager))) is None
+
+
+def test_the_coordinator_checks_only_with_sentinel(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def never(redis: Redis) -> None:
+        raise AssertionError("checked a client of one Redis")
+
+    monkeypatch.setattr(coordinator, "primary_moved", never)
+    plain = Coordinator(connect("redis://127.0.0.1:1/0", socket_timeout=1.0), SETTINGS)
+    asyncio.run(plain.follow_primary())
+
+
+def test_the_coordinator_leaves_a_demoted_primary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It closes the clients' connections on the old address only, drops its own and raises
+    ConnectionError (run() connects again, through the sentinels); no move: nothing."""
+    closed_on: list[tuple[str, int]] = []
+    answer: list[PrimaryMoved | None] = [None]
+
+    async def moved(redis: Redis) -> PrimaryMoved | None:
+        return answer[0]
+
+    async def close(redis: Redis, address: tuple[str, int]) -> int:
+        closed_on.append(address)
+        return 7
+
+    monkeypatch.setattr(coordinator, "primary_moved", moved)
+    monkeypatch.setattr(coordinator, "close_clients_on", close)
+    c = Coordinator(_sentinel_client(FakeManager(OLD)), SETTINGS)
+
+    async def go() -> None:
+        await c.follow_primary()
+        assert closed_on == []
+        answer[0] = PrimaryMoved(OLD, NEW)
+        with pytest.raises(RedisConnectionError, match=r"not 10\.0\.0\.1:6379; closed 7 client"):
+            await c.follow_primary()
+
+    asyncio.run(go())
+    assert closed_on == [OLD]
+
+
+def test_a_slow_sentinel_answer_is_read_at_the_next_refresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sentinels that are slow never hold a lease refresh up for long; a check does not outlive
+    the activation it was started in (a standby must never act on one)."""
+    answered = asyncio.Event()
+
+    async def slow(redis: Redis) -> PrimaryMoved | None:
+        await answered.wait()
+        return PrimaryMoved(OLD, NEW)
+
+    async def close(redis: Redis, address: tuple[str, int]) -> int:
+        return 0
+
+    monkeypatch.setattr(coordinator, "primary_moved", slow)
+    monkeypatch.setattr(coordinator, "close_clients_on", close)
+    c = Coordinator(_sentinel_client(FakeManager(OLD)), SETTINGS)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await c.follow_primary()  # not answered yet: nothing happens
+        await c.follow_primary()  # the same check, still running: no second one
+        assert loop.time() - started < 0.5
+        answered.set()
+        await asyncio.sleep(0)
+        with pytest.raises(RedisConnectionError):
+            await c.follow_primary()
+        answered.clear()
+        await c.follow_primary()
+        check = c._primary_check
+        assert check is not None
+        assert not check.done()
+        c._stop_following()  # as serve() does when it ends
+        await asyncio.sleep(0)
+        assert check.cancelled()
+        assert c._primary_check is None
+
+    asyncio.run(go())
