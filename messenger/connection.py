@@ -7,10 +7,14 @@ connection here has no retries and short timeouts; callers turn RedisError into 
 A `redis+sentinel://` URL names Redis Sentinels and a service instead of one Redis: each new
 connection asks the sentinels where the service's primary is now, so a process that reconnects
 after a failover (a broken connection is a RedisError like any other) reaches the new primary.
+An open connection is not told: after a failover the old primary keeps taking writes until
+Sentinel demotes it (some 10 s later), so the coordinator asks (`primary_moved`) and closes the
+connections there itself (`close_clients_on`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -23,7 +27,12 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+)
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
@@ -462,3 +471,87 @@ def _connect_sentinel(
     )
     redis.sentinel_addresses = parsed.sentinels
     return redis
+
+
+Address = tuple[str, int]
+
+
+def _address(found: Any) -> Address:
+    host, port = found
+    return str(host), int(port)
+
+
+def _shown(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class PrimaryMoved:
+    """The sentinels name `new` as the primary while a client's connections go to `old`."""
+
+    old: Address
+    new: Address
+
+    def __str__(self) -> str:
+        return f"the sentinels name {_shown(self.new)} as primary now, not {_shown(self.old)}"
+
+
+async def primary_moved(redis: Redis) -> PrimaryMoved | None:
+    """Whether the sentinels name another primary than the one `redis` connects to (the one
+    its pool last got from them); None at once, with no I/O, for a client of one Redis.
+
+    While nothing moved this is one round trip, to the sentinel that answered last. A move
+    counts only once most of the URL's sentinels name the same new primary: one that was cut
+    off during a failover may name an old primary for a while, and the caller acts on the old
+    address (close_clients_on), which must never be one the sentinels still name.
+
+    Sentinels that do not answer are no news (None), not an error: the primary's own connection
+    tells whether Redis is usable, and an outage of the sentinels alone must not stop a
+    coordinator that is serving (a RedisError would make it start over at every check)."""
+    pool = redis.connection_pool
+    if not isinstance(pool, SentinelConnectionPool) or pool.master_address is None:
+        return None
+    old = _address(pool.master_address)
+    manager = pool.sentinel_manager
+    try:
+        new = _address(await manager.discover_master(pool.service_name))
+        if new == old:
+            return None
+        # SENTINEL MASTERS, as discover_master asks: a sentinel user allowed that is enough.
+        answers = await asyncio.gather(
+            *(s.sentinel_masters() for s in manager.sentinels), return_exceptions=True
+        )
+    except (RedisError, OSError):
+        return None
+    agreeing = sum(1 for masters in answers if _names(masters, pool.service_name, new))
+    return PrimaryMoved(old, new) if 2 * agreeing > len(manager.sentinels) else None
+
+
+def _names(masters: Any, service: str, address: Address) -> bool:
+    """Whether one sentinel's SENTINEL MASTERS answer (or its error) names `address`."""
+    state = masters.get(service) if isinstance(masters, dict) else None
+    return isinstance(state, dict) and _address((state["ip"], state["port"])) == address
+
+
+async def close_clients_on(redis: Redis, address: Address) -> int:
+    """Close every client connection (normal and pub/sub) on the server at `address`, as Sentinel
+    does when it demotes a primary; return how many. Raises RedisError.
+
+    Sent over a connection of its own made straight to `address`, with the client's credentials
+    and TLS, never over one of the pool's: one of those may reconnect on use, and it would
+    reconnect to whatever the sentinels name now. SKIPME keeps that connection to the end."""
+    pool = redis.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        raise TypeError("close_clients_on is for clients of a Sentinel-managed primary")
+    connection = pool.connection_class(**pool.connection_kwargs)
+    assert isinstance(connection, SentinelManagedConnection)
+    try:
+        await connection.connect_to(address)  # type: ignore[no-untyped-call]
+        closed = 0
+        for kind in ("pubsub", "normal"):
+            await connection.send_command("CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes")
+            closed += int(await connection.read_response())
+        return closed
+    finally:
+        await connection.disconnect()

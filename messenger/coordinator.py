@@ -19,12 +19,19 @@ from dataclasses import dataclass
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from messenger import acl
-from messenger.connection import describe, explain
+from messenger.connection import (
+    PrimaryMoved,
+    close_clients_on,
+    describe,
+    explain,
+    primary_moved,
+)
 from messenger.crashes import CrashWatch
 from messenger.errors import LeaseLost, ProtocolError
 from messenger.keys import USERS_PLACEHOLDER, Keys
@@ -60,6 +67,9 @@ _KNOWN_LIMIT = 100_000
 _REPLY_MARGIN_MS = 250
 # Seconds between attempts while Redis stays unusable (the last one repeats).
 _RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# How long a lease refresh waits for the sentinels' answer (Coordinator.follow_primary): they
+# answer within a millisecond or so on a LAN.
+_SENTINEL_WAIT = 0.05
 
 
 @dataclass(frozen=True)
@@ -203,6 +213,7 @@ class Coordinator:
         self.active = False  # holds the lease, as far as it knows
         self._reached_redis = False  # Redis answered since the last failure (see run)
         self.activations = 0  # how many times it became the active coordinator
+        self._primary_check: asyncio.Task[PrimaryMoved | None] | None = None
 
     def _now(self) -> int | None:
         return None if self.clock is None else self.clock()
@@ -235,6 +246,54 @@ class Coordinator:
     async def refresh_lease(self) -> None:
         if not await self.try_acquire_lease():
             raise LeaseLost("lease lost")
+
+    # --- Sentinel ---------------------------------------------------------------------------
+
+    async def follow_primary(self) -> None:
+        """Leave a primary the sentinels no longer name (nothing to do without Sentinel).
+
+        After a failover the old primary keeps taking writes until Sentinel demotes it, some
+        10 s later, and loses them when it resyncs: a logoff applied there comes back as a
+        ghost, and fresh connections reach the new primary, where no coordinator serves. So
+        once the sentinels name another primary, this closes the clients' connections on the
+        old one (what Sentinel does when it demotes it, only sooner), and raises ConnectionError:
+        run() connects again through the sentinels and becomes active on the new primary,
+        re-creating the client users there; the clients reconnect through the sentinels too.
+
+        Only the active coordinator checks, at each lease refresh: one round trip to a sentinel.
+        The check is a task beside the loop, waited for only briefly: sentinels that are slow or
+        gone never hold up serving or the lease, and an answer that comes late is read at the
+        next refresh."""
+        if not isinstance(self.redis.connection_pool, SentinelConnectionPool):
+            return
+        if self._primary_check is None:
+            self._primary_check = asyncio.create_task(primary_moved(self.redis))
+            await asyncio.wait({self._primary_check}, timeout=_SENTINEL_WAIT)
+        check = self._primary_check
+        if not check.done():
+            return
+        self._primary_check = None
+        moved = check.result()
+        if moved is None:
+            return
+        # primary_moved gives an old address only once most sentinels name another, so this
+        # never closes connections on a primary the sentinels still name. Bounded: an old
+        # primary that does not answer is one Sentinel will deal with.
+        try:
+            closing = close_clients_on(self.redis, moved.old)
+            closed = await asyncio.wait_for(closing, self.settings.lease_poll)
+            done = f"closed {closed} client connections there"
+        except (RedisError, TimeoutError) as e:
+            said = explain(e) if isinstance(e, RedisError) else "no answer in time"
+            done = f"could not close the client connections there ({said})"
+        await self.redis.connection_pool.disconnect()
+        raise RedisConnectionError(f"{moved}; {done}")
+
+    def _stop_following(self) -> None:
+        """No check outlives an activation: a standby must not act on one."""
+        if self._primary_check is not None:
+            self._primary_check.cancel()
+            self._primary_check = None
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -484,17 +543,21 @@ class Coordinator:
         s = self.settings
         next_lease = next_sweep = time.monotonic()
         block = max(0.001, min(s.sweep_interval, s.lease_poll))
-        while not stop.is_set():
-            now = time.monotonic()
-            if now >= next_lease:
-                await self.refresh_lease()
-                next_lease = now + s.lease_poll
-            if now >= next_sweep:
-                await self.sweep()
-                await self.remove_crashed()
-                next_sweep = now + s.sweep_interval
-            if not await self.serve_batch():
-                await self._wait_for_requests(block)
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_lease:
+                    await self.refresh_lease()
+                    await self.follow_primary()
+                    next_lease = now + s.lease_poll
+                if now >= next_sweep:
+                    await self.sweep()
+                    await self.remove_crashed()
+                    next_sweep = now + s.sweep_interval
+                if not await self.serve_batch():
+                    await self._wait_for_requests(block)
+        finally:
+            self._stop_following()
 
     async def _provision(self) -> None:
         """Put the client users in place (docs/security.md); without a client password, clients

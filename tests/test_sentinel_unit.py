@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    SentinelConnectionPool,
+    SentinelManagedSSLConnection,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from messenger import acl
+from messenger import acl, coordinator
 from messenger.cli import main
 from messenger.connection import (
+    PrimaryMoved,
     SentinelRedis,
     SentinelUrl,
     check_url,
@@ -18,14 +26,17 @@ from messenger.connection import (
     describe,
     explain,
     parse_sentinel_url,
+    primary_moved,
     redact,
 )
+from messenger.coordinator import Coordinator
 from messenger.embedded import free_port
 from messenger.errors import ConfigError
-from messenger.settings import TlsFiles
+from messenger.settings import Settings, TlsFiles
 from tests.certs import Certs
 
 HOSTS = "h1:26379,h2:26380,[::1]:26381"
+SETTINGS = Settings(redis_url="redis://fake", node="test", prefix="u")
 
 
 def test_a_full_url_is_parsed() -> None:
@@ -211,3 +222,170 @@ def test_no_sentinel_answering_is_explained_in_words() -> None:
     assert f"127.0.0.1:{port}" in said
     assert "<redis." not in said  # redis-py's client reprs are reduced to host:port
     assert "service name" in said
+
+
+# --- primary_moved, close_clients_on and the coordinator's use of them ----------------------------
+
+OLD, NEW = ("10.0.0.1", 6379), ("10.0.0.2", 6379)
+
+
+class FakeSentinel:
+    """One sentinel's SENTINEL MASTERS, as redis-py parses it (or the error it raises)."""
+
+    def __init__(self, names: tuple[str, int] | Exception) -> None:
+        self.names = names
+        self.asked = 0
+
+    async def sentinel_masters(self) -> dict[str, dict[str, Any]]:
+        self.asked += 1
+        if isinstance(self.names, Exception):
+            raise self.names
+        host, port = self.names
+        return {"mymaster": {"ip": host, "port": port, "is_master": True}}
+
+
+class FakeManager:
+    """The sentinel manager of a pool: discover_master asks the first sentinel, as redis-py's."""
+
+    def __init__(self, *names: tuple[str, int] | Exception) -> None:
+        self.sentinels = [FakeSentinel(n) for n in names]
+        self.discovered = 0
+
+    async def discover_master(self, service: str) -> tuple[str, int]:
+        assert service == "mymaster"
+        self.discovered += 1
+        first = self.sentinels[0].names
+        if isinstance(first, Exception):
+            raise MasterNotFoundError(f"No master found for {service!r}")
+        return first
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _sentinel_client(manager: FakeManager, on: tuple[str, int] | None = OLD) -> Redis:
+    redis = connect(f"redis+sentinel://:pw@{HOSTS}/mymaster", socket_timeout=1.0)
+    pool = redis.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    pool.sentinel_manager = manager
+    pool.master_address = on  # where its connections go, as after one was made
+    return redis
+
+
+def test_primary_moved_is_none_at_once_without_sentinel(monkeypatch: pytest.MonkeyPatch) -> None:
+    redis = connect(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=1.0)
+
+    def no_io(*_: object, **__: object) -> None:
+        raise AssertionError("primary_moved made a connection for a client of one Redis")
+
+    monkeypatch.setattr(redis.connection_pool, "get_connection", no_io)
+    assert asyncio.run(primary_moved(redis)) is None
+
+
+def test_primary_not_moved_costs_one_sentinel_answer() -> None:
+    manager = FakeManager(OLD, OLD, OLD)
+    assert asyncio.run(primary_moved(_sentinel_client(manager))) is None
+    assert manager.discovered == 1
+    assert [s.asked for s in manager.sentinels] == [0, 0, 0]
+    # No connection made yet: nothing to compare with, nothing asked.
+    fresh = FakeManager(NEW, NEW, NEW)
+    assert asyncio.run(primary_moved(_sentinel_client(fresh, on=None))) is None
+    assert fresh.discovered == 0
+
+
+def test_primary_moved_once_most_sentinels_name_another() -> None:
+    lost = RedisConnectionError("a sentinel is down")
+    Names = list[tuple[tuple[str, int] | Exception, ...]]
+    moves: Names = [(NEW, NEW, NEW), (NEW, NEW, OLD), (NEW, lost, NEW)]
+    for names in moves:
+        moved = asyncio.run(primary_moved(_sentinel_client(FakeManager(*names))))
+        assert moved == PrimaryMoved(OLD, NEW), names
+        assert str(moved) == "the sentinels name 10.0.0.2:6379 as primary now, not 10.0.0.1:6379"
+    # One sentinel alone (cut off during a failover, say) is not enough: the old address would
+    # be acted on (CLIENT KILL there) while the others still name it.
+    too_few: Names = [(NEW, OLD, OLD), (NEW, lost, lost), (NEW, OLD, lost)]
+    for names in too_few:
+        assert asyncio.run(primary_moved(_sentinel_client(FakeManager(*names)))) is None, names
+
+
+def test_primary_moved_is_no_news_when_no_sentinel_answers() -> None:
+    manager = FakeManager(RedisConnectionError("down"), RedisConnectionError("down"))
+    assert asyncio.run(primary_moved(_sentinel_client(manager))) is None
+
+
+def test_the_coordinator_checks_only_with_sentinel(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def never(redis: Redis) -> None:
+        raise AssertionError("checked a client of one Redis")
+
+    monkeypatch.setattr(coordinator, "primary_moved", never)
+    plain = Coordinator(connect("redis://127.0.0.1:1/0", socket_timeout=1.0), SETTINGS)
+    asyncio.run(plain.follow_primary())
+
+
+def test_the_coordinator_leaves_a_demoted_primary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It closes the clients' connections on the old address only, drops its own and raises
+    ConnectionError (run() connects again, through the sentinels); no move: nothing."""
+    closed_on: list[tuple[str, int]] = []
+    answer: list[PrimaryMoved | None] = [None]
+
+    async def moved(redis: Redis) -> PrimaryMoved | None:
+        return answer[0]
+
+    async def close(redis: Redis, address: tuple[str, int]) -> int:
+        closed_on.append(address)
+        return 7
+
+    monkeypatch.setattr(coordinator, "primary_moved", moved)
+    monkeypatch.setattr(coordinator, "close_clients_on", close)
+    c = Coordinator(_sentinel_client(FakeManager(OLD)), SETTINGS)
+
+    async def go() -> None:
+        await c.follow_primary()
+        assert closed_on == []
+        answer[0] = PrimaryMoved(OLD, NEW)
+        with pytest.raises(RedisConnectionError, match=r"not 10\.0\.0\.1:6379; closed 7 client"):
+            await c.follow_primary()
+
+    asyncio.run(go())
+    assert closed_on == [OLD]
+
+
+def test_a_slow_sentinel_answer_is_read_at_the_next_refresh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sentinels that are slow never hold a lease refresh up for long; a check does not outlive
+    the activation it was started in (a standby must never act on one)."""
+    answered = asyncio.Event()
+
+    async def slow(redis: Redis) -> PrimaryMoved | None:
+        await answered.wait()
+        return PrimaryMoved(OLD, NEW)
+
+    async def close(redis: Redis, address: tuple[str, int]) -> int:
+        return 0
+
+    monkeypatch.setattr(coordinator, "primary_moved", slow)
+    monkeypatch.setattr(coordinator, "close_clients_on", close)
+    c = Coordinator(_sentinel_client(FakeManager(OLD)), SETTINGS)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await c.follow_primary()  # not answered yet: nothing happens
+        await c.follow_primary()  # the same check, still running: no second one
+        assert loop.time() - started < 0.5
+        answered.set()
+        await asyncio.sleep(0)
+        with pytest.raises(RedisConnectionError):
+            await c.follow_primary()
+        answered.clear()
+        await c.follow_primary()
+        check = c._primary_check
+        assert check is not None
+        assert not check.done()
+        c._stop_following()  # as serve() does when it ends
+        await asyncio.sleep(0)
+        assert check.cancelled()
+        assert c._primary_check is None
+
+    asyncio.run(go())
