@@ -536,7 +536,7 @@ class Coordinator:
         self.activations += 1
         await self._provision()
         # Redis may have restarted since the last activation: no inbox counts as seen.
-        await self.crashes.load(self.redis, self.keys)
+        await self.crashes.load(self.redis, self.keys, self.keys.canary(self.id))
         await self.sweep()
         log.info("coordinator %s is active", self.id[:8])  # and ready: clients can log on
         await self.log_list("start")
@@ -594,6 +594,7 @@ class Coordinator:
         If a standby is alive it takes over at its next poll, and the clients never notice;
         only when none is left are the clients told at once that the service stops. A standby
         that stops (or one that never reached Redis) says nothing to the clients either."""
+        await self.crashes.close()
         try:
             standbys = await self.scripts.lease_release(
                 self.id, encode_event(StoppingEvent(self.id))

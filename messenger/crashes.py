@@ -9,9 +9,13 @@ its heartbeat deadline removes it: the fast path never takes a live client early
 
 One exception: after Redis itself restarts (or fails over), every inbox is empty until its client
 has reconnected and subscribed again. So a session counts as crashed only if this coordinator saw
-its inbox subscribed since it last (re)connected and became active (`reset`), or logged it on
+its inbox subscribed since it last (re)connected and became active (`load`), or logged it on
 itself since then, and then saw it empty. A session never seen subscribed is left to its
-heartbeat deadline.
+heartbeat deadline. To know that Redis did not restart in between, the coordinator keeps a
+subscription of its own, the canary, on a connection it never reads (so redis-py never
+reconnects it quietly), and every check counts its subscribers too: none means Redis lost its
+connections, and the check raises RedisRestarted (a ConnectionError: the coordinator serves
+afresh, making the client users again on a Redis that lost them) instead of judging anyone.
 
 Cost: `PUBSUB NUMSUB` of live sessions' inboxes, sent as chunks in one pipeline, every sweep
 interval (0.25 s by default): cheap dictionary lookups in Redis, but about 1.5-3 µs of Python
@@ -23,10 +27,14 @@ grows. `python -m benchmarks.crash_watch` measures it (figures in docs/reliabili
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from messenger.keys import Keys
 
@@ -43,12 +51,18 @@ def _inbox_of(raw: str) -> str | None:
     return inbox if isinstance(inbox, str) else None
 
 
+class RedisRestarted(RedisConnectionError):
+    """The canary subscription is gone: Redis restarted, failed over, or dropped us."""
+
+
 class CrashWatch:
     """The live sessions' inboxes (a cache of Redis, kept by the active coordinator), and which
     of them have been seen with a subscriber."""
 
     def __init__(self, most: int = 5000) -> None:
         self.most = most
+        self._canary: PubSub | None = None
+        self._canary_channel = ""
         self._inboxes: dict[str, str] = {}  # sid -> inbox channel, of live sessions
         self._seen: set[str] = set()  # sids whose inbox had a subscriber since reset()
         self._round: list[str] = []  # sids still to look at in this round
@@ -62,9 +76,20 @@ class CrashWatch:
         self._seen.clear()
         self._round.clear()
 
-    async def load(self, redis: Redis, keys: Keys) -> None:
-        """Read every live session's inbox (once per activation: HSCAN, not one HGETALL)."""
+    async def load(self, redis: Redis, keys: Keys, canary: str) -> None:
+        """Subscribe the canary again, then read every live session's inbox (once per
+        activation: HSCAN, not one HGETALL)."""
         self.reset()
+        await self.close()
+        self._canary = redis.pubsub()
+        await self._canary.subscribe(canary)
+        # Confirmed before any check counts on it (the first reply is the subscription's).
+        for _ in range(5):
+            if await self._canary.get_message(timeout=1.0) is not None:
+                break
+        else:
+            raise RedisConnectionError("the canary subscription was not confirmed in 5 s")
+        self._canary_channel = canary
         async for sid, raw in redis.hscan_iter(keys.sessions, count=_SCAN):
             inbox = _inbox_of(cast(str, raw))
             if inbox is not None:
@@ -87,16 +112,27 @@ class CrashWatch:
         picked, self._round = self._round[: self.most], self._round[self.most :]
         return [sid for sid in picked if sid in self._inboxes]
 
+    async def close(self) -> None:
+        canary, self._canary = self._canary, None
+        if canary is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await canary.aclose()  # type: ignore[no-untyped-call]
+
     async def suspects(self, redis: Redis) -> list[tuple[str, str]]:
         """(sid, inbox) of the sessions looked at whose inbox had a subscriber before and has
-        none now; the caller removes them with a script that checks again, atomically."""
+        none now; the caller removes them with a script that checks again, atomically.
+        Raises RedisRestarted if the canary's subscription is gone."""
         sids = self._next_slice()
-        if not sids:
-            return []
         async with redis.pipeline(transaction=False) as pipe:
+            pipe.pubsub_numsub(self._canary_channel)
             for i in range(0, len(sids), _CHUNK):
                 pipe.pubsub_numsub(*(self._inboxes[sid] for sid in sids[i : i + _CHUNK]))
-            replies: list[Any] = await pipe.execute()
+            results: list[Any] = await pipe.execute()
+        canary, *replies = results
+        if self._canary_channel and int(canary[0][1]) == 0:
+            raise RedisRestarted(
+                "Redis lost this coordinator's subscription (it restarted or failed over)"
+            )
         counts = [int(count) for reply in replies for _channel, count in reply]
         found = []
         for sid, count in zip(sids, counts, strict=True):

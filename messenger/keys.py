@@ -11,6 +11,7 @@ coordinator's alone.
     {p}:hb:{hb id}      STRING with a PX TTL, refreshed by its client   the heartbeat key
     {p}:inbox:{inbox id} CHANNEL replies and messages for one session
     {p}:control         CHANNEL coordinator -> every client (alive ticks, server stopping)
+    {p}:canary:{id}     CHANNEL a coordinator's own subscription: gone means Redis restarted
 
     coordinator-only, private:
     {p}:inflight        LIST  the batch of requests being applied (taken over on a crash)
@@ -67,6 +68,9 @@ class Keys:
     @property
     def control(self) -> str:
         return f"{self.prefix}:control"
+
+    def canary(self, coordinator_id: str) -> str:
+        return f"{self.prefix}:canary:{coordinator_id}"
 
     @property
     def inflight(self) -> str:

@@ -15,6 +15,7 @@ import fakeredis
 import pytest
 
 from messenger.coordinator import Coordinator
+from messenger.crashes import RedisRestarted
 from messenger.errors import LeaseLost
 from messenger.keys import Keys
 from messenger.protocol import (
@@ -785,13 +786,32 @@ async def test_an_inbox_never_seen_subscribed_is_left_to_the_deadline(
     """After Redis restarts, every inbox is empty until its client subscribes again: a session
     counts as crashed only once its subscriber was seen since the coordinator (re)connected."""
     a, _ = await logon(coord, clock, "alice", "n1")
-    await coord.crashes.load(redis, Keys("u"))  # what a (re)activation does
+    await coord.crashes.load(redis, Keys("u"), "u:canary:test")  # what a (re)activation does
     await crash(_LISTENING[-1])  # the subscriber is gone before this coordinator saw it
     assert await coord.remove_crashed() == []
     assert await users(redis) == {"alice": "n1"}
     await expire(redis, a)
     clock.advance(coord.settings.heartbeat_ttl + 0.001)
     assert [name for _, name, _ in await coord.sweep()] == ["alice"]
+
+
+async def test_when_redis_lost_its_connections_nobody_is_judged_crashed(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    """Redis restarted and redis-py reconnected quietly: every inbox is empty, and so is the
+    coordinator's own canary. The check says so (a ConnectionError: serve afresh) instead of
+    logging everyone off."""
+    await coord.crashes.load(redis, Keys("u"), Keys("u").canary(coord.id))
+    await logon(coord, clock, "alice", "n1")
+    assert await coord.remove_crashed() == []  # seen subscribed
+    await crash(_LISTENING[-1])
+    canary = coord.crashes._canary
+    assert canary is not None
+    await canary.unsubscribe()  # what a restart does to it
+    with pytest.raises(RedisRestarted):
+        await coord.remove_crashed()
+    assert await users(redis) == {"alice": "n1"}
+    await coord.crashes.close()
 
 
 async def test_a_session_that_subscribed_again_or_left_is_not_removed_twice(
