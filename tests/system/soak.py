@@ -1041,7 +1041,11 @@ class Soak:
         if self.wait_whole("redis-restart") is None:
             return
         sig = self.rng.choice((signal.SIGTERM, signal.SIGKILL))
-        down_for = self.rng.uniform(0.3, 2.0)
+        # Sessions outlive a restart only if their heartbeat keys do: a key may have been
+        # refreshed a heartbeat interval before the kill, so it lives TTL - interval (2 s) after
+        # it, and the coordinator (making the client users again) and the clients need about
+        # half a second once Redis is back (docs/reliability.md).
+        down_for = self.rng.uniform(0.3, 1.0)
         with self.lock:
             before = {inc.sid for inc in self.incarnations if inc.sid and inc.removed_at is None}
         fault = self._record(
@@ -1305,7 +1309,10 @@ class Soak:
                 continue  # it was still logged on when it resumed: it may go on
             words = {line.text for line in inc.child.lines()}
             allowed = {"you-are-not-logged-on", "noconnection"}
-            if f.busy_at_stop:
+            # A request of ours in flight at the stop, or one sent while it was stopped (read on
+            # SIGCONT, with what was left of its wait), may time out first: the seed's exit.
+            sent_meanwhile = any(r.inc is inc and f.start <= r.t0 <= f.end for r in self.requests)
+            if f.busy_at_stop or sent_meanwhile:
                 allowed.add("No response from server")
             ended = inc.exited_at is not None and inc.exited_at <= f.end + FENCE_BOUND
             if not ended or not words & allowed:
