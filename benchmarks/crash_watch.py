@@ -73,7 +73,7 @@ async def measure(url: str, sessions: int, repeat: int) -> dict[str, str]:
                 while await pubsub.get_message(timeout=1.0) is None:
                     pass
         watch = CrashWatch()
-        load = await _timed(3, lambda: watch.load(redis, keys))
+        load = await _timed(3, lambda: watch.load(redis, keys, keys.canary("bench")))
         await watch.suspects(redis)  # every inbox seen once
         cpu, redis_usec = [], []
         wall = []
@@ -90,6 +90,7 @@ async def measure(url: str, sessions: int, repeat: int) -> dict[str, str]:
         suspects = list(inboxes.items())[:100]
         crashed = await _timed(3, lambda: scripts.crashed("bench", suspects))
         checked = min(sessions, watch.most)
+        await watch.close()
         return {
             "sessions": f"{sessions:,}",
             "inboxes per check": f"{checked:,}",
