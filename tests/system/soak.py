@@ -1203,6 +1203,10 @@ class Soak:
             stayed = receiver is not None and self._stayed_up(receiver, r)
             if len(who) == 1:
                 messages["received exactly once"] += 1
+            elif not who and stayed and self._redis_died_during(r):
+                # Applied and published, then Redis died with the message still in its output
+                # buffer (or before it): pub/sub keeps nothing, the seed's "no guarantee".
+                messages["lost (Redis died meanwhile)"] += 1
             elif not who and stayed:
                 assert receiver is not None
                 messages["lost (violation)"] += 1
@@ -1218,6 +1222,13 @@ class Soak:
         self._check_fences()
         self._check_survivors()
         return Report.of(self, messages, replies)
+
+    def _redis_died_during(self, r: Request) -> bool:
+        """Whether Redis went down between the request and its reply (a SIGKILLed Redis
+        loses what it had not written to its clients' sockets yet)."""
+        return any(
+            o.start <= (r.t1 or now()) and (o.end is None or o.end >= r.t0) for o in self.redis_down
+        )
 
     def _receiver(self, r: Request) -> Incarnation | None:
         """Whom a `sent` message was for: the newest client of ours logged on with that name
@@ -1481,7 +1492,13 @@ class Report:
         add("")
         add("| messages | count |")
         add("|---|---|")
-        for key in ("sent", "received exactly once", "lost (receiver faulted)", "lost (violation)"):
+        for key in (
+            "sent",
+            "received exactly once",
+            "lost (receiver faulted)",
+            "lost (Redis died meanwhile)",
+            "lost (violation)",
+        ):
             add(f"| {key} | {self.messages[key]} |")
         for key, count in sorted(self.messages.items()):
             if key.startswith("printed a"):
