@@ -206,31 +206,20 @@ class Host:
 
     def cut(self) -> None:
         if self.network.nft_table:
-            sh(
-                "nft",
-                "add",
-                "element",
-                "bridge",
-                self.network.nft_table,
-                "cut",
-                f"{{ {self.veth} }}",
-            )
+            self._cut_set("add")
         else:
             sh("ip", "link", "set", self.veth, "nomaster")
 
     def heal(self) -> None:
         if self.network.nft_table:
-            sh(
-                "nft",
-                "delete",
-                "element",
-                "bridge",
-                self.network.nft_table,
-                "cut",
-                f"{{ {self.veth} }}",
-            )
+            self._cut_set("delete")
         else:
             sh("ip", "link", "set", self.veth, "master", self.network.bridge)
+
+    def _cut_set(self, op: str) -> None:
+        """Add this host's port to the nft set of cut ports, or delete it from there."""
+        assert self.network.nft_table
+        sh("nft", op, "element", "bridge", self.network.nft_table, "cut", f"{{ {self.veth} }}")
 
     # --- delay, jitter, loss ----------------------------------------------------------------------
 
