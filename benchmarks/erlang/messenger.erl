@@ -4,7 +4,7 @@
 %%%  - what the seed prints (the server's "list is now", a client's replies and "Message from")
 %%%    goes through an output fun, Out(Event); start_server/0 and client/2 pass print/1, which
 %%%    prints exactly what the seed prints, so the seed's own API behaves as in the guide;
-%%%  - server_node() is read from the application environment (the guide edits the source);
+%%%  - server_node() may come from the command line (the guide edits the source);
 %%%  - client/3 (a client with its own Out) and message/3 (send through a given client rather than
 %%%    the registered mess_client) let one node run many users, one per client process.
 %%%
@@ -62,11 +62,11 @@
 
 %%% Change the function below to return the name of the node where the
 %%% messenger server runs
-%%% BENCH: or set it: erl -messenger server_node 'messenger@host'
+%%% BENCH: or give it on the command line: erl -server_node messenger@host
 server_node() ->
-    case application:get_env(messenger, server_node) of
-        {ok, Node} -> Node;
-        undefined -> messenger@super
+    case init:get_argument(server_node) of
+        {ok, [[Node | _] | _]} -> list_to_atom(Node);
+        error -> messenger@super
     end.
 
 %%% This is the server process for the "messenger"
