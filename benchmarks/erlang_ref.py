@@ -53,8 +53,7 @@ _FULL = _Counts(messages=20000, rtt_samples=10000, logons=5000)
 
 
 def _tools() -> tuple[str, str, str]:
-    found = [shutil.which(name) for name in ("erl", "erlc", "epmd")]
-    erl, erlc, epmd = found
+    erl, erlc, epmd = (shutil.which(name) for name in ("erl", "erlc", "epmd"))
     if erl is None or erlc is None or epmd is None:
         raise RuntimeError("erl not found: apt-get install erlang-base")
     return erl, erlc, epmd

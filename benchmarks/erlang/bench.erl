@@ -305,8 +305,7 @@ logged_on_client(ServerNode, Name, Out) ->
 forward(Owner) ->
     fun(Event) -> Owner ! {out, self(), Event} end.
 
-%% Log the user off when the driver says so; stopped once the client is gone, so the server has
-%% its EXIT (sent over the same connection before this) before the driver goes on.
+%% Log the user off when the driver says so; stopped once the client is gone (see server_idle).
 finish(Driver, Client) ->
     receive stop -> ok end,
     logoff_all([Client]),
@@ -319,11 +318,25 @@ logoff_all(Clients) ->
      || {Ref, _} <- Refs],
     ok.
 
+%% The users log off; back once the server has removed them all, so that the next run does not
+%% share the server with this one's removals (each is O(users): lists:keydelete).
 stop_all(Procs) ->
     [Pid ! stop || {Pid, _} <- Procs],
     await_all(stopped, Procs, deadline(?DEADLINE)),
     [demonitor(Ref, [flush]) || {_, Ref} <- Procs],
-    ok.
+    server_idle(whereis(messenger), deadline(?RUN_DEADLINE)).
+
+%% Every EXIT is in the server's queue by now (a client's EXIT left on the same connection before
+%% its user's stopped), so an empty queue and a server waiting in receive mean all are done.
+server_idle(Server, Deadline) ->
+    case process_info(Server, [message_queue_len, status]) of
+        [{message_queue_len, 0}, {status, waiting}] -> ok;
+        _ ->
+            case left(Deadline) of
+                0 -> error(server_busy);
+                _ -> receive after 1 -> server_idle(Server, Deadline) end
+            end
+    end.
 
 %% {Tag, Pid} from every one of Procs (spawn_monitor results), failing if one dies first.
 await_all(Tag, Procs, Deadline) ->
