@@ -198,6 +198,11 @@ class Cluster:
                 except TimeoutError:
                     os.kill(proc.pid, signal.SIGKILL)
                     await proc.wait()
+                if proc.stdout is not None:
+                    # To its end: the pipe's transport closes then, rather than after the event
+                    # loop has ("Event loop is closed" from its __del__).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.stdout.read(), _STOP_S)
             if self.epmd is not None and self.epmd.returncode is None:
                 os.kill(self.epmd.pid, signal.SIGTERM)
                 await self.epmd.wait()
