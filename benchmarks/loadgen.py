@@ -74,7 +74,7 @@ class LogonResult:
     unanswered: int  # no reply within the wait (expired in the queue, or lost)
     # (seconds since the start, sessions logged on): how the rate changes as sessions grow
     progress: list[tuple[float, int]] = field(default_factory=list)
-    done_sample: list[str] = field(default_factory=list)  # some request ids (done keys)
+    done_sample: list[str] = field(default_factory=list)  # request ids of the last waves
 
     @property
     def rate(self) -> float:
@@ -219,8 +219,8 @@ class LoadGenerator:
                 )
                 self._pending[request.req] = s
                 entries.append(encode_request(request, s.key))
-            if len(result.done_sample) < 200:
-                result.done_sample.extend(list(self._pending)[:20])
+            # The latest waves' done keys are the ones still alive when the phase ends.
+            result.done_sample = [*result.done_sample, *list(self._pending)[:50]][-200:]
             sent = time.monotonic()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for entry in entries:

@@ -87,6 +87,12 @@ async def _redis_cpu(admin: Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+async def _commandstats(admin: Redis) -> dict[str, float]:
+    """µs spent so far per command (Redis 7 counts a script's own calls under theirs too)."""
+    stats = cast(dict[str, dict[str, Any]], await admin.info("commandstats"))
+    return {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
+
+
 async def _redis_ms(admin: Redis) -> int:
     secs, micros = await admin.time()
     return int(secs) * 1000 + int(micros) // 1000
@@ -193,12 +199,15 @@ class _Run:
                 f"{logons.unanswered} unanswered)"
             )
         live = len(gen.live)
+        # Measured now: a logon's done key lives 2 x its wait + 1 s (about 11 s).
+        done = [int(await admin.memory_usage(self.keys.done(r)) or 0) for r in logons.done_sample]
+        done_each = statistics.mean([d for d in done if d] or [0]) + _EXPIRES_ENTRY
         # The logon phase's tail (the coordinator's log lines, the last deadlines set) is over
         # within a second; the windows measure the steady state.
         await asyncio.sleep(1.0)
         await self.cpu_windows(windows, window)
         await self.sweep_window(1.0 if quick else 3.0)
-        await self.memory(mem0, mem1, db0, users0, live, logons.done_sample)
+        await self.memory(mem0, mem1, db0, users0, live, done_each)
         await self.latency(1 if quick else max(1, self.env.repeat))
         gen.check()
         if gen.lost:
@@ -221,7 +230,10 @@ class _Run:
         assert self.coordinator is not None
         assert self.gen is not None
         coordinator, redis_, own, beats = [], [], [], []
+        usec: defaultdict[str, float] = defaultdict(float)
+        total_wall = 0.0
         for _ in range(windows):
+            s0 = await _commandstats(self.admin)
             c0, r0 = cpu_seconds(self.coordinator.pid), await _redis_cpu(self.admin)
             g0, h0, t0 = time.process_time(), self.gen.heartbeats, time.monotonic()
             await asyncio.sleep(window)
@@ -230,6 +242,13 @@ class _Run:
             redis_.append((await _redis_cpu(self.admin) - r0) / wall * 100)
             own.append((time.process_time() - g0) / wall * 100)
             beats.append((self.gen.heartbeats - h0) / wall)
+            for name, spent in (await _commandstats(self.admin)).items():
+                usec[name] += spent - s0.get(name, 0.0)
+            total_wall += wall
+        busiest = sorted(usec.items(), key=lambda kv: -kv[1])[:8]
+        # µs per second of wall time / 10^4 = % of a core
+        breakdown = {name: round(us / total_wall / 10_000, 2) for name, us in busiest}
+        print(f"scale {self.tag}: Redis command time, % of a core: {breakdown}", file=sys.stderr)
         quiet = f"quiet {window:g} s windows: {statistics.median(beats):,.0f} heartbeats/s"
         hb = f"heartbeat {self.interval:g} s, TTL {self.ttl:g} s"
         self.fig(
@@ -239,7 +258,15 @@ class _Run:
             coordinator,
             notes=f"{quiet}, sweeps and crash checks; {hb}",
         )
-        self.fig("redis_cpu_pct", "Redis CPU, % of one core", "%", redis_, notes=quiet)
+        self.fig(
+            "redis_cpu_pct",
+            "Redis CPU, % of one core",
+            "%",
+            redis_,
+            notes=f"{quiet}; command time (INFO commandstats; the rest is socket I/O): "
+            + ", ".join(f"{name} {pct:g}" for name, pct in list(breakdown.items())[:4]),
+            extra={"command_pct_by_command": breakdown},
+        )
         self.fig(
             "generator_cpu_pct",
             "the load generator's own CPU (this process), % of one core",
@@ -249,8 +276,11 @@ class _Run:
         )
 
     async def sweep_window(self, seconds: float) -> None:
-        """Every command's Redis time for `seconds` (SLOWLOG with a 0 µs threshold): the sweep
-        scripts' own, and where the rest goes."""
+        """The Redis time of each of the coordinator's sweeps for `seconds`, and how many due
+        sessions each looked at, from SLOWLOG with every command logged: a script's own calls
+        are logged too (by its client, which has no socket: `?:0`), just before the script itself,
+        so the `HGET {p}:sessions` before a sweep are its due sessions. Logging each call adds
+        about a microsecond to the script: the times are upper bounds."""
         admin = self.admin
         names = {
             script.sha: name.lstrip("_")
@@ -272,58 +302,63 @@ class _Run:
             for key, value in old.items():
                 await admin.config_set(key, value)
             await admin.slowlog_reset()
-        sweeps: list[float] = []
-        per_command: defaultdict[str, float] = defaultdict(float)
-        for _id, _at, duration, words, *_ in entries:
-            what = str(words[0]).upper()
-            if what == "EVALSHA" and len(words) > 1:
-                what = f"script {names.get(str(words[1]), str(words[1])[:8])}"
-            elif what == "PUBSUB" and len(words) > 1:
-                what = f"PUBSUB {str(words[1]).upper()}"
-            per_command[what] += int(duration)
-            if what == "script sweep":
-                sweeps.append(int(duration) / 1000)
+        sweeps, looked_at, inner = [], [], 0
+        for _id, _at, duration, words, address, *_ in reversed(entries):  # oldest first
+            command = str(words[0]).upper()
+            if address in ("", "?:0"):  # a script's own call (its client has no socket)
+                inner += command == "HGET" and len(words) > 1 and words[1] == self.keys.sessions
+            elif command == "EVALSHA":
+                if names.get(str(words[1])) == "sweep":
+                    sweeps.append(int(duration) / 1000)
+                    looked_at.append(inner)
+                inner = 0
         now = await _redis_ms(admin)
         sweep_every = 0.25  # the coordinator's default MESSENGER_SWEEP_INTERVAL
         due_next = int(
             await admin.zcount(self.keys.deadlines, now, now + int(10 * sweep_every * 1000))
         )
         backlog = int(await admin.zcount(self.keys.deadlines, "-inf", now))
-        busiest = sorted(per_command.items(), key=lambda kv: -kv[1])[:8]
-        breakdown = {what: round(us / wall / 10_000, 3) for what, us in busiest}  # % of a core
+        due = sum(looked_at)
+        per_due = sum(sweeps) * 1000 / due if due else 0.0
         self.fig(
             "sweep_ms",
-            "Redis time of one coordinator sweep script (SLOWLOG)",
+            "Redis time of one coordinator sweep script (SLOWLOG, every command logged)",
             "ms",
             sweeps or [0.0],
             notes=(
-                f"{due_next / 10:.0f} sessions due per sweep interval ({sweep_every:g} s); "
-                f"{backlog} overdue"
+                f"{len(sweeps)} sweeps in {wall:.1f} s looked at {due} due sessions "
+                f"(at most {max(looked_at, default=0)} in one; the limit is 1000): "
+                f"{per_due:.1f} µs each; {due_next / 10:.0f} come due per sweep interval "
+                f"({sweep_every:g} s); {backlog} overdue at the end"
             ),
-            extra={"redis_pct_by_command": breakdown, "due_per_sweep": due_next / 10},
+            extra={
+                "looked_at": looked_at,
+                "us_per_due_session": per_due,
+                "due_per_sweep": due_next / 10,
+                "overdue": backlog,
+            },
         )
-        print(f"scale {self.tag}: Redis time by command, % of a core: {breakdown}", file=sys.stderr)
 
     async def memory(
-        self, mem0: int, mem1: int, db0: int, users0: int, live: int, done_sample: list[str]
+        self, mem0: int, mem1: int, db0: int, users0: int, live: int, done_each: float
     ) -> None:
         admin, k = self.admin, self.keys
         mem2, db2 = await used_memory(admin), int(await admin.dbsize())
-        structures = 0
+        each: dict[str, float] = {}
         for key in (k.sessions, k.names, k.nodes, k.users, k.deadlines):
-            structures += int(await admin.memory_usage(key, samples=0) or 0)
-        structures -= users0
+            used = int(await admin.memory_usage(key, samples=0) or 0)
+            each[key.rpartition(":")[2]] = (used - (users0 if key == k.users else 0)) / live
+        structures = sum(each.values()) * live
         assert self.gen is not None
         sample = self.gen.live[:: max(1, live // _SAMPLE)][:_SAMPLE]
         hb = [int(await admin.memory_usage(s.hb) or 0) for s in sample]
         hb_each = statistics.mean(hb) + _EXPIRES_ENTRY
         done_alive = max(0, db2 - db0 - live)  # the keys besides the heartbeat keys: done keys
-        done = [int(await admin.memory_usage(k.done(req)) or 0) for req in done_sample]
-        done_each = statistics.mean([d for d in done if d] or [0]) + _EXPIRES_ENTRY
         keys_each = (structures + hb_each * live) / live
         channels_each = (mem1 - mem0) / self.n
         overall = (mem2 - mem0) / live
         parts = {
+            "per_session_by_key": {name: round(b) for name, b in each.items()},
             "structures_per_session": structures / live,
             "hb_key_per_session": hb_each,
             "done_keys_alive": done_alive,
@@ -346,8 +381,8 @@ class _Run:
             "B",
             [keys_each],
             notes=(
-                f"sessions/names/nodes/users/deadlines {structures / live:.0f} B "
-                f"+ heartbeat key {hb_each:.0f} B"
+                ", ".join(f"{name} {b:.0f} B" for name, b in each.items())
+                + f", heartbeat key {hb_each:.0f} B"
             ),
             extra=parts,
         )
