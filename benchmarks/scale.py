@@ -206,7 +206,7 @@ class _Run:
         # within a second; the windows measure the steady state.
         await asyncio.sleep(1.0)
         await self.cpu_windows(windows, window)
-        await self.sweep_window(1.0 if quick else 3.0)
+        await self.sweep_window(2.0 if quick else 5.0)
         await self.memory(mem0, mem1, db0, users0, live, done_each)
         await self.latency(1 if quick else max(1, self.env.repeat))
         gen.check()
