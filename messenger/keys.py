@@ -18,7 +18,7 @@ coordinator's alone.
     {p}:sessions        HASH  sid -> JSON {"name", "node", "since", "key", "inbox", "hb"}
     {p}:names           HASH  name -> sid                                 one session per name
     {p}:nodes           HASH  node -> sid                                 one session per node
-    {p}:deadlines       ZSET  sid scored by when to look at its heartbeat next (ms)
+    {p}:deadlines       ZSET  `<sid>:<hb id>` scored by when to look at its heartbeat next (ms)
     {p}:gone:{sid}      STRING JSON {"key", "inbox"} of a removed session, for a while: its
                         client's late requests still get `you-are-not-logged-on`
     {p}:done:{req}      STRING the reply to a request already applied      makes requests idempotent
@@ -91,6 +91,12 @@ class Keys:
     @property
     def deadlines(self) -> str:
         return f"{self.prefix}:deadlines"
+
+    @staticmethod
+    def deadline_member(sid: str, hb_id: str) -> str:
+        """A session's entry in `deadlines`: it names the heartbeat key, so the sweep need not
+        read the session's record (scripts.deadline_member is the same in Lua)."""
+        return f"{sid}:{hb_id}"
 
     @property
     def gone_prefix(self) -> str:

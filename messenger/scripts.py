@@ -48,6 +48,11 @@ local function record(raw)
   end
   return s
 end
+-- A session's entry in the deadlines ZSET names its heartbeat key too, so that the sweep can
+-- look at the key without reading (and decoding) the session's record: `<sid>:<heartbeat id>`.
+local function deadline_member(sid, hb_key)
+  return sid .. ':' .. string.match(hb_key, '([^:]+)$')
+end
 -- Remove one session from every index; names/nodes/users entries are only removed if they
 -- still point at this sid, so an old session can never take a newer owner's entry with it.
 -- Its key and inbox are kept for a while under gone:<sid>, so that its client's late
@@ -63,6 +68,8 @@ local function remove_session(sessions, names, nodes, users, deadlines, sid, gon
   end
   if redis.call('HGET', nodes, node) == sid then redis.call('HDEL', nodes, node) end
   redis.call('HDEL', sessions, sid)
+  -- Its deadline: `<sid>:<heartbeat id>` (deadline_member), or the bare sid of older versions.
+  if s.hb then redis.call('ZREM', deadlines, deadline_member(sid, s.hb)) end
   redis.call('ZREM', deadlines, sid)
   if s.hb then redis.call('DEL', s.hb) end
   if s.key and s.inbox then
@@ -127,7 +134,7 @@ else
   redis.call('HSET', KEYS[4], name, sid)
   redis.call('HSET', KEYS[5], node, sid)
   redis.call('HSET', KEYS[6], name, cjson.encode({node=node, since=now}))
-  redis.call('ZADD', KEYS[7], now + ttl, sid)
+  redis.call('ZADD', KEYS[7], now + ttl, deadline_member(sid, ARGV[17]))
   redis.call('SET', ARGV[17], '1', 'PX', ttl)
   reply = 'logged-on'
 end
@@ -164,34 +171,45 @@ end
 """
 
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
-# ARGV[1] coordinator id, [2] now ms or '', [3] limit, [4] gone-key prefix, [5] gone ttl ms
+# ARGV[1] coordinator id, [2] now ms or '', [3] limit, [4] gone-key prefix, [5] gone ttl ms,
+# [6] heartbeat-key prefix
 # Looks only at the sessions that are due: one whose heartbeat key still lives is due again
 # when that key would expire (its PTTL); one whose key is gone is logged off. So the cost grows
 # with the sessions due, not with all sessions, and clients write nothing but their own key.
-# Returns {sid, name, node, ...} of the sessions removed.
+# A live session costs a PTTL and its share of one ZADD: its deadline's member names its
+# heartbeat key, so its record is not read (every live session is due about every TTL -
+# interval, so this is most of what the sweep does). Returns {sid, name, node, ...} of the
+# sessions removed.
 _SWEEP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
 local now = now_ms(ARGV[2])
 local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-local out = {}
-for _, sid in ipairs(due) do
-  local raw = redis.call('HGET', KEYS[2], sid)
-  local hb = raw and record(raw).hb
+local out, again = {}, {}
+for _, member in ipairs(due) do
+  local sid, hb_id = string.match(member, '^([^:]+):([^:]+)$')
+  local hb
+  if sid then
+    hb = ARGV[6] .. hb_id
+  else  -- a deadline of an older version: the member is the sid
+    sid = member
+    local raw = redis.call('HGET', KEYS[2], sid)
+    hb = raw and record(raw).hb
+  end
   local left = hb and redis.call('PTTL', hb) or -2
   if left > 0 then
-    redis.call('ZADD', KEYS[6], now + left, sid)
+    table.insert(again, now + left); table.insert(again, member)
   else
     local s = remove_session(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], sid,
                              ARGV[4], tonumber(ARGV[5]))
+    redis.call('ZREM', KEYS[6], member)
     if s then
       table.insert(out, sid); table.insert(out, s.name); table.insert(out, s.node)
-    else
-      redis.call('ZREM', KEYS[6], sid)
     end
   end
 end
+if #again > 0 then redis.call('ZADD', KEYS[6], unpack(again)) end
 return out
 """
 
@@ -456,6 +474,7 @@ class Scripts:
                     str(limit),
                     k.gone_prefix,
                     str(self.gone_ttl_ms),
+                    k.hb_prefix,
                 ],
             ),
         )

@@ -91,6 +91,11 @@ def hb_of(session: str) -> str:
     return Keys("u").hb(heartbeat_id(KEY_OF[session]))
 
 
+def deadline_of(session: str) -> str:
+    """The session's member of the deadlines ZSET."""
+    return Keys.deadline_member(session, heartbeat_id(KEY_OF[session]))
+
+
 def entry(r: Request, sent_ms: int) -> str:
     """The queue entry a client would push: signed with its session's key."""
     if r.kind == "logon" and not r.key:
@@ -288,12 +293,12 @@ async def test_stale_session_cannot_revive_refresh_or_log_off_the_new_owner(
     assert [n for _, n, _ in await coord.sweep()] == ["alice"]
     new, reply = await logon(coord, clock, "alice", "n2")
     assert reply == Reply.LOGGED_ON
-    deadline_before = await redis.zscore(Keys("u").deadlines, new)
+    deadline_before = await redis.zscore(Keys("u").deadlines, deadline_of(new))
     # the old client's heartbeat cannot bring its key back, and touches nothing else
     assert not await redis.pexpire(hb_of(old), settings.heartbeat_ttl_ms)
     assert not await redis.exists(hb_of(old))
-    assert await redis.zscore(Keys("u").deadlines, new) == deadline_before
-    assert await redis.zscore(Keys("u").deadlines, old) is None
+    assert await redis.zscore(Keys("u").deadlines, deadline_of(new)) == deadline_before
+    assert await redis.zscore(Keys("u").deadlines, deadline_of(old)) is None
     # the old client's logoff and messages are refused; the new owner stays
     assert await handle(coord, clock, Request("logoff", sid(), old)) == Reply.NOT_LOGGED_ON
     assert (
@@ -331,7 +336,7 @@ async def test_sweep_logs_off_exactly_the_sessions_whose_heartbeat_key_expired(
     assert await users(redis) == {"alice": "n1"}
     assert not await redis.exists(hb_of(b))
     # alice is due again when her key would run out, not before
-    due = await redis.zscore(k.deadlines, a)
+    due = await redis.zscore(k.deadlines, deadline_of(a))
     assert (
         clock.now + settings.heartbeat_ttl_ms - 100 < due <= clock.now + settings.heartbeat_ttl_ms
     )
@@ -543,11 +548,11 @@ async def test_the_first_deadline_uses_the_clients_own_ttl(
     session = sid()
     req = Request("logon", sid(), session, name="alice", node="n1", ttl_ms=10_000)
     assert await handle(coord, clock, req) == Reply.LOGGED_ON
-    assert await redis.zscore(Keys("u").deadlines, session) == T0 + 10_000
+    assert await redis.zscore(Keys("u").deadlines, deadline_of(session)) == T0 + 10_000
     _, reply = await logon(coord, clock, "bob", "n2")  # no ttl said: the coordinator's own
     assert reply == Reply.LOGGED_ON
     bob = await redis.hget(Keys("u").names, "bob")
-    assert await redis.zscore(Keys("u").deadlines, bob) == T0 + 3_000
+    assert await redis.zscore(Keys("u").deadlines, deadline_of(bob)) == T0 + 3_000
 
 
 async def test_requests_a_dead_coordinator_left_in_flight_are_served_once(
@@ -601,6 +606,7 @@ async def test_a_corrupt_session_entry_does_not_stop_the_sweep(
     bad, _ = await logon(coord, clock, "mallory", "n9")
     await redis.hset(k.sessions, bad, garbage)
     a, _ = await logon(coord, clock, "alice", "n1")
+    await expire(redis, bad)  # its deadline names its key, so the sweep needs no record
     await expire(redis, a)
     clock.advance(settings.heartbeat_ttl + 0.001)
     removed = await coord.sweep()
@@ -737,6 +743,43 @@ async def test_a_redis_that_never_answered_is_retried_with_back_off(
 ) -> None:
     delays = await _retry_delays(Coordinator(redis, settings), caplog, [], 2.0)
     assert delays[:3] == ["0.25 s", "0.5 s", "1 s"], delays
+
+
+async def test_the_sweep_reads_no_record_of_a_live_session(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    """Every live session is due about every TTL - interval: the sweep looks at its heartbeat
+    key, named in its deadline, without reading (and decoding) its record. Here the records
+    name no heartbeat key at all, and the live sessions stay all the same."""
+    k = Keys("u")
+    sessions = [(await logon(coord, clock, f"u{i}", f"n{i}"))[0] for i in range(20)]
+    for s in sessions:
+        record = json.loads(await redis.hget(k.sessions, s))
+        del record["hb"]
+        await redis.hset(k.sessions, s, json.dumps(record))
+    clock.advance(coord.settings.heartbeat_ttl + 0.001)  # all due; their keys live (real TTLs)
+    assert await coord.sweep() == []
+    for s in sessions:  # each due again when its key would expire
+        assert await redis.zscore(k.deadlines, deadline_of(s)) > clock.now
+    assert len(await users(redis)) == 20
+
+
+async def test_a_deadline_of_an_older_version_is_still_swept(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    """Deadlines written before they named the heartbeat key (member = the sid) still work."""
+    k = Keys("u")
+    a, _ = await logon(coord, clock, "alice", "n1")
+    score = await redis.zscore(k.deadlines, deadline_of(a))
+    await redis.zrem(k.deadlines, deadline_of(a))
+    await redis.zadd(k.deadlines, {a: score})
+    clock.advance(coord.settings.heartbeat_ttl + 0.001)
+    assert await coord.sweep() == []  # its key lives: looked at through its record
+    assert await redis.zscore(k.deadlines, a) > clock.now
+    await expire(redis, a)
+    clock.advance(coord.settings.heartbeat_ttl + 0.001)
+    assert [name for _, name, _ in await coord.sweep()] == ["alice"]
+    assert await redis.zcard(k.deadlines) == 0
 
 
 # --- the crash fast path (messenger/crashes.py) ---------------------------------------------

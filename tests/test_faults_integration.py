@@ -58,8 +58,11 @@ class Store:
         return bool(self.redis.hexists(self.keys.sessions, sid))
 
     def deadline(self, sid: str) -> float | None:
-        score = self.redis.zscore(self.keys.deadlines, sid)
-        return None if score is None else float(score)
+        """The session's deadline; its member is `<sid>:<heartbeat id>` (Keys.deadline_member)."""
+        for member, score in self.redis.zscan_iter(self.keys.deadlines, match=f"{sid}*"):
+            if str(member).split(":")[0] == sid:
+                return float(score)
+        return None
 
     def hb_key(self, sid: str) -> str:
         """The session's heartbeat key, named in its (coordinator-only) record."""
