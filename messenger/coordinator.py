@@ -497,11 +497,18 @@ class Coordinator:
 
     async def log_list(self, why: str) -> None:
         """The seed's `list is now: ...`, one line per change of the user list."""
+        # Past the limit only the count is logged, so only the count is read (HLEN, not a
+        # HGETALL of every user for each batch of logons).
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hlen(self.keys.users)
+            pipe.hexists(self.keys.users, USERS_PLACEHOLDER)
+            entries, placeholder = await pipe.execute()
+        count = int(entries) - int(bool(placeholder))
+        if count > _LIST_LOG_LIMIT:
+            log.info("list is now: %d users (after %s)", count, why)
+            return
         users = cast(dict[str, str], await self.redis.hgetall(self.keys.users))
         users.pop(USERS_PLACEHOLDER, None)
-        if len(users) > _LIST_LOG_LIMIT:
-            log.info("list is now: %d users (after %s)", len(users), why)
-            return
         listed = []
         for name, raw in sorted(users.items()):
             try:
