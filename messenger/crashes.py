@@ -17,9 +17,9 @@ reconnects it quietly), and every check counts its subscribers too: none means R
 connections, and the check raises RedisRestarted (a ConnectionError: the coordinator serves
 afresh, making the client users again on a Redis that lost them) instead of judging anyone.
 
-Cost: `PUBSUB NUMSUB` of live sessions' inboxes, sent as chunks in one pipeline, every sweep
-interval (0.25 s by default): cheap dictionary lookups in Redis, but about 1.5-3 µs of Python
-per inbox in the coordinator (packing and parsing). So at most `most` inboxes are looked at per
+Cost: `PUBSUB NUMSUB` of live sessions' inboxes, sent as chunks in one write, every sweep
+interval (0.25 s by default): cheap dictionary lookups in Redis, and under 1 µs of Python per
+inbox in the coordinator (packed by hiredis, messenger/wire.py). So at most `most` inboxes are looked at per
 check, round-robin: up to 5,000 sessions every check sees them all; at 10,000 a round takes two
 checks (0.5 s), at 100,000 twenty (5 s) — the cost per check stays bounded, the detection time
 grows. `python -m benchmarks.crash_watch` measures it (figures in docs/reliability.md).
@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, cast
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from messenger import wire
 from messenger.keys import Keys
 
 _CHUNK = 1000  # channels per NUMSUB command: a few tens of KiB per command
@@ -123,17 +124,22 @@ class CrashWatch:
         none now; the caller removes them with a script that checks again, atomically.
         Raises RedisRestarted if the canary's subscription is gone."""
         sids = self._next_slice()
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.pubsub_numsub(self._canary_channel)
-            for i in range(0, len(sids), _CHUNK):
-                pipe.pubsub_numsub(*(self._inboxes[sid] for sid in sids[i : i + _CHUNK]))
-            results: list[Any] = await pipe.execute()
-        canary, *replies = results
-        if self._canary_channel and int(canary[0][1]) == 0:
+        commands = [["PUBSUB", "NUMSUB", self._canary_channel]]
+        for i in range(0, len(sids), _CHUNK):
+            commands.append(
+                ["PUBSUB", "NUMSUB", *(self._inboxes[sid] for sid in sids[i : i + _CHUNK])]
+            )
+        # Packed by hiredis (messenger/wire.py): packing was most of what a check cost.
+        canary, *replies = await wire.pipeline(redis, commands)
+        for reply in (canary, *replies):
+            if isinstance(reply, Exception):
+                raise reply
+        if self._canary_channel and int(canary[1]) == 0:
             raise RedisRestarted(
                 "Redis lost this coordinator's subscription (it restarted or failed over)"
             )
-        counts = [int(count) for reply in replies for _channel, count in reply]
+        # Each reply is flat: channel, count, channel, count, ...
+        counts = [int(count) for reply in replies for count in reply[1::2]]
         found = []
         for sid, count in zip(sids, counts, strict=True):
             if count > 0:
