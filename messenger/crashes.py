@@ -19,10 +19,11 @@ afresh, making the client users again on a Redis that lost them) instead of judg
 
 Cost: `PUBSUB NUMSUB` of live sessions' inboxes, sent as chunks in one write, every sweep
 interval (0.25 s by default): cheap dictionary lookups in Redis, and under 1 µs of Python per
-inbox in the coordinator (packed by hiredis, messenger/wire.py). So at most `most` inboxes are looked at per
-check, round-robin: up to 5,000 sessions every check sees them all; at 10,000 a round takes two
-checks (0.5 s), at 100,000 twenty (5 s) — the cost per check stays bounded, the detection time
-grows. `python -m benchmarks.crash_watch` measures it (figures in docs/reliability.md).
+inbox in the coordinator (packed by hiredis, messenger/wire.py). So at most `most` inboxes are
+looked at per check, round-robin: up to 5,000 sessions every check sees them all; at 10,000 a
+round takes two checks (0.5 s), at 100,000 twenty (5 s) — the cost per check stays bounded, the
+detection time grows. `python -m benchmarks.crash_watch` measures it (figures in
+docs/reliability.md).
 """
 
 from __future__ import annotations
