@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+class NotRun(Exception):
+    """Raised by a scenario that cannot run here (a missing package or tool): the report says
+    why, and the other scenarios still run. Not a failure, so not a crash either."""
+
+
 @dataclass(frozen=True)
 class Env:
     """What a scenario gets: the Redis it may use, and how hard to try."""
