@@ -21,6 +21,16 @@ class NotRun(Exception):
     why, and the other scenarios still run. Not a failure, so not a crash either."""
 
 
+class Partial(Exception):
+    """Raised by a scenario some of whose parts failed: the figures it did measure are kept,
+    and the report names each part that failed and why."""
+
+    def __init__(self, figures: list[Figure], errors: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{part}: {why}" for part, why in errors.items()))
+        self.figures = figures
+        self.errors = errors
+
+
 @dataclass(frozen=True)
 class Env:
     """What a scenario gets: the Redis it may use, and how hard to try."""
