@@ -1,0 +1,328 @@
+"""Run every benchmark scenario on a redis-server of the run's own; write JSON and a table.
+
+    python -m benchmarks [--quick] [--repeat N] [--only raw,messenger_path] [--json PATH] [--check]
+
+Scenario modules run in order, each `async def run(env) -> list[Figure]` (benchmarks/figures.py);
+one that raises is reported as failed and the others still run. The benchmark never fails on a
+number: `--check` exits 1 only if a scenario failed, an expected figure is missing, or no
+messages arrived (what CI needs to know that the suite still works). benchmarks/README.md
+documents the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from benchmarks._support import admin, shapes
+from benchmarks.figures import Env, Figure, NotRun, Partial
+from messenger.embedded import EmbeddedRedis
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# In order: the references first, so a slow scenario later cannot starve them of the machine.
+SCENARIOS = ("raw", "erlang_ref", "channels_ref", "messenger_path", "scale", "faults")
+# Written by others: run if present, not expected.
+OPTIONAL = frozenset({"erlang_ref", "scale", "faults"})
+# A scenario stuck past this is ended and reported as failed (quick, full).
+TIMEOUTS = (180.0, 3600.0)
+# Comparisons beyond each figure's own `ref`: the targets compare the messenger with these too.
+OTHERS = ("erlang", "channels_redis.core", "channels_redis.pubsub")
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str = "ok"  # "ok", "failed", "not run"
+    seconds: float = 0.0
+    error: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "figures": [f.key for f in self.figures],
+            "missing": self.missing,
+        }
+
+
+def _module(name: str) -> ModuleType | None:
+    if importlib.util.find_spec(f"benchmarks.{name}") is None:
+        return None
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+async def _run_one(name: str, module: ModuleType, env: Env) -> Outcome:
+    outcome = Outcome(name)
+    started = time.perf_counter()
+    try:
+        figures = await asyncio.wait_for(module.run(env), TIMEOUTS[0 if env.quick else 1])
+        outcome.figures = list(figures)
+    except NotRun as e:
+        outcome.status, outcome.error = "not run", str(e)
+    except Partial as e:
+        outcome.status, outcome.error, outcome.figures = "failed", str(e), e.figures
+    except Exception as e:
+        outcome.status = "failed"
+        outcome.error = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    outcome.seconds = time.perf_counter() - started
+    expected = getattr(module, "expected_keys", None)
+    if outcome.status != "not run" and expected is not None:
+        got = {f.key for f in outcome.figures}
+        outcome.missing = [k for k in expected(env) if k not in got]
+    print(
+        f"benchmarks: {name}: {outcome.status} in {outcome.seconds:.1f} s"
+        + (f" ({outcome.error})" if outcome.error else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    return outcome
+
+
+def _git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for package in ("redis", "hiredis", "channels", "channels-redis", "messenger"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+async def _redis_info(url: str) -> dict[str, Any]:
+    redis = admin(url)
+    try:
+        info = await redis.info("server")
+        return {"version": info.get("redis_version"), "mode": info.get("redis_mode")}
+    finally:
+        await redis.aclose()
+
+
+def ratio(figure: Figure, ref: Figure | None) -> float | None:
+    """This figure's median over its reference's (None without a usable reference)."""
+    if ref is None or ref.median == 0 or not math.isfinite(ref.median):
+        return None
+    return figure.median / ref.median
+
+
+def comparisons(figures: dict[str, Figure], quick: bool) -> list[dict[str, Any]]:
+    """The messenger's throughput against each other system of the same shape, where both ran."""
+    out = []
+    for shape in shapes(quick):
+        ours = figures.get(shape.key("messenger"))
+        for other in OTHERS:
+            theirs = figures.get(shape.key(other))
+            if ours is not None and theirs is not None:
+                out.append({"key": ours.key, "ref": theirs.key, "ratio": ratio(ours, theirs)})
+    return out
+
+
+def _number(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value >= 1 else f"{value:.3f}"
+
+
+def _cell(f: Figure) -> str:
+    return f"{_number(f.median)} ({_number(f.low)}-{_number(f.high)}) {f.unit}"
+
+
+def _ratio_cell(r: float | None, better: str) -> str:
+    if r is None:
+        return "—"
+    return f"{r:.2f}x ({'higher' if better == 'higher' else 'lower'} is better)"
+
+
+def markdown(report: dict[str, Any], outcomes: list[Outcome], figures: dict[str, Figure]) -> str:
+    run = report["run"]
+    lines = [
+        f"# Benchmarks ({run['mode']} mode, {run['date']})",
+        "",
+        f"commit {str(run['git']['commit'])[:12]}{' (dirty)' if run['git']['dirty'] else ''}"
+        f" · {run['machine']['cpus']} CPUs · Python {run['machine']['python']}"
+        f" · Redis {run['redis']['version']} · {run['repeat']} repetitions"
+        f" · {run['seconds']:.0f} s",
+        "",
+        "Each figure: median (min-max) of the repetitions; ratio = median / reference median,",
+        "both measured in this run on the same Redis.",
+        "",
+    ]
+    for outcome in outcomes:
+        lines += [f"## {outcome.name}: {outcome.status} ({outcome.seconds:.1f} s)", ""]
+        if outcome.error:
+            lines += [f"> {outcome.error}", ""]
+        if outcome.missing:
+            lines += [f"> missing figures: {', '.join(outcome.missing)}", ""]
+        if not outcome.figures:
+            continue
+        lines += ["| figure | median (min-max) | reference | ratio |", "|---|---|---|---|"]
+        for f in outcome.figures:
+            ref = figures.get(f.ref) if f.ref else None
+            ref_cell = f"`{f.ref}` {_number(ref.median)} {ref.unit}" if ref else (f.ref or "")
+            lines.append(
+                f"| {f.label} `{f.key}` | {_cell(f)} | {ref_cell} | "
+                f"{_ratio_cell(ratio(f, ref), f.better)} |"
+            )
+        notes = sorted({f.notes for f in outcome.figures if f.notes})
+        lines += ["", *(f"Note: {n}." for n in notes), ""]
+    if report["comparisons"]:
+        lines += ["## messenger against the other systems", "", "| figure | against | ratio |"]
+        lines.append("|---|---|---|")
+        for c in report["comparisons"]:
+            r = c["ratio"]
+            lines.append(f"| `{c['key']}` | `{c['ref']}` | {'—' if r is None else f'{r:.2f}x'} |")
+        lines.append("")
+    if run["mode"] == "quick":
+        lines.append("Quick mode leaves out the 32-pair shapes and uses fewer messages.")
+    return "\n".join(lines) + "\n"
+
+
+def check(outcomes: list[Outcome], figures: dict[str, Figure]) -> list[str]:
+    """Sanity only, never a number: it ran, messages arrived, every figure is there."""
+    problems = []
+    for o in outcomes:
+        if o.status == "failed":
+            problems.append(f"{o.name} failed: {o.error}")
+        problems += [f"{o.name}: figure {key} is missing" for key in o.missing]
+    for f in figures.values():
+        if not f.values or not all(math.isfinite(v) and v > 0 for v in f.values):
+            problems.append(f"{f.key}: values {list(f.values)} are not all positive numbers")
+        if f.extra.get("messages", 1) <= 0:
+            problems.append(f"{f.key}: no messages arrived")
+        if f.ref and f.ref not in figures:
+            problems.append(f"{f.key}: its reference {f.ref} was not measured")
+    if not figures:
+        problems.append("no figure at all was measured")
+    return problems
+
+
+async def _measure(
+    args: argparse.Namespace, wanted: tuple[str, ...]
+) -> tuple[list[Outcome], dict[str, Any]]:
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="mb-") as work, EmbeddedRedis() as server:
+        env = Env(server.url, args.quick, args.repeat, work)
+        redis = await _redis_info(server.url)
+        redis["binary"] = server.binary or os.environ.get("MESSENGER_REDIS_SERVER") or "PATH"
+        for name in wanted:
+            module = _module(name)
+            if module is None:
+                if name not in OPTIONAL or args.only is not None:
+                    outcomes.append(Outcome(name, "failed", error="no such module"))
+                continue
+            outcomes.append(await _run_one(name, module, env))
+    return outcomes, redis
+
+
+def _report(
+    args: argparse.Namespace,
+    wanted: tuple[str, ...],
+    outcomes: list[Outcome],
+    redis: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    figures = {f.key: f for o in outcomes for f in o.figures}
+    return {
+        "schema": 1,
+        "run": {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "mode": "quick" if args.quick else "full",
+            "repeat": args.repeat,
+            "only": None if args.only is None else list(wanted),
+            "seconds": seconds,
+            "git": _git_commit(),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "implementation": platform.python_implementation(),
+            },
+            "redis": redis,
+            "packages": _versions(),
+        },
+        "scenarios": {o.name: o.as_json() for o in outcomes},
+        "figures": {
+            key: f.as_json() | {"ratio": ratio(f, figures.get(f.ref) if f.ref else None)}
+            for key, f in figures.items()
+        },
+        "comparisons": comparisons(figures, args.quick),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="the whole suite in under 60 s")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions per figure (>= 3)")
+    parser.add_argument("--only", help=f"comma-separated scenarios, of {', '.join(SCENARIOS)}")
+    parser.add_argument(
+        "--json",
+        default=str(HERE / "results" / "latest.json"),
+        help="where the JSON goes (the markdown table goes beside it, .md)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if a scenario failed, a figure is missing or no message arrived",
+    )
+    args = parser.parse_args(argv)
+    if args.repeat < 3:
+        parser.error("--repeat must be at least 3: every figure is a median with min and max")
+    wanted = SCENARIOS if args.only is None else tuple(args.only.split(","))
+    unknown = [n for n in wanted if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    started = time.perf_counter()
+    outcomes, redis = asyncio.run(_measure(args, wanted))
+    report = _report(args, wanted, outcomes, redis, time.perf_counter() - started)
+    figures = {f.key: f for o in outcomes for f in o.figures}
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    table = markdown(report, outcomes, figures)
+    json_path.with_suffix(".md").write_text(table)
+    print(table)
+    if not args.check:
+        return 0
+    problems = check(outcomes, figures)
+    for problem in problems:
+        print(f"benchmarks --check: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("benchmarks --check: every scenario ran and every figure is there", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
