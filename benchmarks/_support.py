@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import signal
+import statistics
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from benchmarks.figures import Env
 from messenger.connection import connect
 
 PAYLOAD = "hello, this is a benchmark message of about sixty bytes..."
@@ -215,11 +217,32 @@ def shapes(quick: bool) -> list[Shape]:
     return [Shape(n, inflight) for n in pairs for inflight in (1, INFLIGHT)]
 
 
-def per_sender(shape: Shape, quick: bool, base: int) -> int:
-    """Messages per sender for one repetition: `base` in all per repetition (more with sends
-    in flight, which go faster), five times that in full mode; at least 4 per in-flight slot."""
-    total = base * (3 if shape.inflight > 1 else 1) * (1 if quick else 5)
-    return max(4 * shape.inflight, total // shape.pairs)
+def rep_seconds(env: Env) -> float:
+    """About how long one repetition of a rate or a latency figure takes."""
+    return 0.1 if env.smoke else 0.3 if env.quick else 2.0
+
+
+async def sized(
+    env: Env, shape: Shape, once: Callable[[int], Awaitable[float]]
+) -> tuple[int, tuple[float, ...]]:
+    """Run `once(n)` (n messages per sender; returns msgs/s) `env.repeat` times with n such
+    that a repetition takes about rep_seconds: systems differ by 20x, so a fixed count would be
+    too few for one or far too long for another. The first, small, run warms every connection
+    up and gives the rate that sizes the others. Returns (n, the rates)."""
+    probe = max(4 * shape.inflight, 20)
+    rate = await once(probe)
+    count = int(rate * rep_seconds(env) / shape.pairs)
+    count = max(probe, min(count, 200_000 // shape.pairs))
+    return count, tuple([await once(count) for _ in range(env.repeat)])
+
+
+async def sample_roundtrips(env: Env, one: Callable[[], Awaitable[float]]) -> list[list[float]]:
+    """`env.repeat` lists of round trips (µs), each about rep_seconds long (at least 100, so that
+    p99 is not the largest), after 20 of warm-up that size them."""
+    warm = [await one() for _ in range(20)]
+    most = 300 if env.smoke else 1000 if env.quick else 10_000
+    count = max(100, min(most, int(rep_seconds(env) * 1e6 / statistics.mean(warm))))
+    return [[await one() for _ in range(count)] for _ in range(env.repeat)]
 
 
 async def send_all(send: Callable[[int], Awaitable[object]], count: int, inflight: int) -> None:

@@ -39,6 +39,8 @@ class Env:
     quick: bool  # quick mode: the whole suite under 60 s; full mode: as long as it takes
     repeat: int  # repetitions per figure (at least 3)
     work_dir: str  # a private temporary directory for runtime dirs, sockets, files
+    # A cut-down quick mode (tests/test_benchmarks.py): it runs everything, the figures mean little.
+    smoke: bool = False
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,17 @@ from benchmarks._support import (
     Process,
     Shape,
     admin,
-    per_sender,
     percentile,
     poll_until,
     redis_ms,
+    sample_roundtrips,
     send_all,
     shapes,
+    sized,
     wait_all,
 )
 from benchmarks.figures import Env, Figure, Partial
-from benchmarks.raw import PERCENTILES, roundtrips
+from benchmarks.raw import PERCENTILES
 from messenger import acl, local, private
 from messenger.client import Client
 from messenger.connection import connect
@@ -58,7 +59,6 @@ from messenger.protocol import Reply, Request, encode_request
 from messenger.settings import Settings
 
 SYSTEM = "messenger"
-BASE = 600  # messages per repetition (awaited; see per_sender)
 # Far above anything a benchmark sends: the limit is for floods (docs/security.md).
 UNLIMITED = {"MESSENGER_RATE_LIMIT": "1000000000", "MESSENGER_RATE_BURST": "1000000000"}
 NOTE = "coordinator rate limit lifted (MESSENGER_RATE_LIMIT/BURST=1e9); every other control on"
@@ -178,7 +178,6 @@ def _sender(client: Client, to: str) -> Callable[[int], Awaitable[object]]:
 
 async def throughput(m: Messenger, shape: Shape) -> Figure:
     env = m.env
-    count = per_sender(shape, env.quick, BASE)
     tag = f"t{shape.pairs}x{shape.inflight}"
     counters = [Counter() for _ in range(shape.pairs)]
     senders = await m.logon(
@@ -206,8 +205,7 @@ async def throughput(m: Messenger, shape: Shape) -> Figure:
         return shape.pairs * n / (time.perf_counter() - started)
 
     try:
-        await once(shape.inflight)  # warm-up: every connection of every pool made
-        values = tuple([await once(count) for _ in range(env.repeat)])
+        count, values = await sized(env, shape, once)
     finally:
         await close(senders + receivers)
     return Figure(
@@ -241,20 +239,15 @@ async def roundtrip(m: Messenger) -> list[Figure]:
     loop = asyncio.get_running_loop()
 
     async def one() -> float:
-        arrived.append(loop.create_future())
+        arrived[:] = [loop.create_future()]
         started = time.perf_counter_ns()
         reply = await a.send("rtb", PAYLOAD)
         if reply != Reply.SENT:
             raise RuntimeError(f"rta → rtb: {reply}")
         return (await asyncio.wait_for(arrived[-1], 10.0) - started) / 1000
 
-    reps: list[list[float]] = []
     try:
-        for _ in range(20):  # warm-up
-            await one()
-        for _ in range(env.repeat):
-            arrived.clear()
-            reps.append([await one() for _ in range(roundtrips(env.quick))])
+        reps = await sample_roundtrips(env, one)
         await asyncio.gather(*echoes)
     finally:
         await close([a, b])
@@ -284,7 +277,7 @@ async def capacity(m: Messenger) -> Figure:
     env = m.env
     assert m.coordinator is not None
     sessions = 8
-    total = (2000 if env.quick else 8000) // sessions * sessions
+    total = (400 if env.smoke else 2000 if env.quick else 8000) // sessions * sessions
     counters = [Counter() for _ in range(sessions)]
     names = [f"cap{i}" for i in range(sessions)]
     clients = await m.logon(names, [c.hit for c in counters])
@@ -351,7 +344,7 @@ async def capacity(m: Messenger) -> Figure:
 
 async def logon_rate(m: Messenger) -> Figure:
     env = m.env
-    batch = 16 if env.quick else 64
+    batch = 8 if env.smoke else 16 if env.quick else 64
     values = []
     for rep in range(env.repeat):
         names = [f"lo{rep}x{i}" for i in range(batch)]

@@ -27,21 +27,17 @@ from benchmarks._support import (
     Counter,
     Shape,
     confirm_subscribed,
-    per_sender,
     percentile,
+    sample_roundtrips,
     send_all,
     shapes,
+    sized,
     wait_all,
 )
 from benchmarks.figures import Env, Figure
 
 SYSTEM = "raw"
-BASE = 1500  # messages per repetition (awaited; see per_sender)
 PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
-
-
-def roundtrips(quick: bool) -> int:
-    return 500 if quick else 5000
 
 
 def expected_keys(env: Env) -> list[str]:
@@ -116,10 +112,8 @@ class _Pairs:
 
 
 async def throughput(env: Env, shape: Shape) -> Figure:
-    count = per_sender(shape, env.quick, BASE)
     async with _Pairs(env, shape.pairs) as pairs:
-        await pairs.once(shape.inflight, shape.inflight)  # warm-up: every connection made
-        values = tuple([await pairs.once(count, shape.inflight) for _ in range(env.repeat)])
+        count, values = await sized(env, shape, lambda n: pairs.once(n, shape.inflight))
     return Figure(
         shape.key(SYSTEM),
         shape.label("raw redis-py pub/sub"),
@@ -153,17 +147,12 @@ async def roundtrip(env: Env) -> list[Figure]:
         loop = asyncio.get_running_loop()
 
         async def one() -> float:
-            arrived.append(loop.create_future())
+            arrived[:] = [loop.create_future()]
             started = time.perf_counter_ns()
             await a.publish(b_channel, PAYLOAD)
             return (await asyncio.wait_for(arrived[-1], 10.0) - started) / 1000
 
-        for _ in range(20):  # warm-up
-            await one()
-        reps: list[list[float]] = []
-        for _ in range(env.repeat):
-            arrived.clear()
-            reps.append([await one() for _ in range(roundtrips(env.quick))])
+        reps = await sample_roundtrips(env, one)
     finally:
         for task in tasks:
             task.cancel()
