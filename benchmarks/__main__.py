@@ -135,10 +135,10 @@ def ratio(figure: Figure, ref: Figure | None) -> float | None:
     return figure.median / ref.median
 
 
-def comparisons(figures: dict[str, Figure], quick: bool) -> list[dict[str, Any]]:
+def comparisons(figures: dict[str, Figure]) -> list[dict[str, Any]]:
     """The messenger's throughput against each other system of the same shape, where both ran."""
     out = []
-    for shape in shapes(quick):
+    for shape in shapes():
         ours = figures.get(shape.key("messenger"))
         for other in OTHERS:
             theirs = figures.get(shape.key(other))
@@ -203,7 +203,11 @@ def markdown(report: dict[str, Any], outcomes: list[Outcome], figures: dict[str,
             lines.append(f"| `{c['key']}` | `{c['ref']}` | {'—' if r is None else f'{r:.2f}x'} |")
         lines.append("")
     if run["mode"] != "full":
-        lines.append("Quick mode leaves out the 32-pair shapes and uses fewer messages.")
+        lines.append(
+            f"{run['mode'].capitalize()} mode: each repetition about "
+            f"{'0.1' if run['mode'] == 'smoke' else '0.3'} s (full: 2 s)"
+            + (", no 32-pair shapes." if run["mode"] == "smoke" else ".")
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +279,7 @@ def _report(
             key: f.as_json() | {"ratio": ratio(f, figures.get(f.ref) if f.ref else None)}
             for key, f in figures.items()
         },
-        "comparisons": comparisons(figures, args.quick or args.smoke),
+        "comparisons": comparisons(figures),
     }
 
 

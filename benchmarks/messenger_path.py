@@ -67,7 +67,7 @@ FLOOR_SCRIPT = Path(__file__).with_name("floor_message.py")
 
 def expected_keys(env: Env) -> list[str]:
     return [
-        *(s.key(SYSTEM) for s in shapes(env.quick)),
+        *(s.key(SYSTEM) for s in shapes(env)),
         *(f"roundtrip.{name}.{SYSTEM}" for name, _ in PERCENTILES),
         "capacity.coordinator.messenger",
         "logon.rate.messenger",
@@ -448,7 +448,7 @@ async def run(env: Env) -> list[Figure]:
         figures.extend(got if isinstance(got, list) else [got])
 
     async with Messenger(env) as m:
-        for shape in shapes(env.quick):
+        for shape in shapes(env):
             await part(shape.key(SYSTEM), lambda s=shape: throughput(m, s))  # type: ignore[misc]
         await part("roundtrip", lambda: roundtrip(m))
         await part("capacity", lambda: capacity(m))

@@ -41,7 +41,7 @@ PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p999", 99.9))
 
 
 def expected_keys(env: Env) -> list[str]:
-    return [s.key(SYSTEM) for s in shapes(env.quick)] + [
+    return [s.key(SYSTEM) for s in shapes(env)] + [
         f"roundtrip.{name}.{SYSTEM}" for name, _ in PERCENTILES
     ]
 
@@ -175,5 +175,5 @@ async def roundtrip(env: Env) -> list[Figure]:
 
 
 async def run(env: Env) -> list[Figure]:
-    figures = [await throughput(env, shape) for shape in shapes(env.quick)]
+    figures = [await throughput(env, shape) for shape in shapes(env)]
     return figures + await roundtrip(env)
