@@ -22,7 +22,6 @@ from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from messenger import acl
 from messenger.connection import (
@@ -49,7 +48,7 @@ from messenger.protocol import (
     max_entry_bytes,
 )
 from messenger.ratelimit import RateLimiter
-from messenger.scripts import Scripts
+from messenger.scripts import Job, Scripts
 from messenger.settings import Settings
 
 log = logging.getLogger("messenger.coordinator")
@@ -199,7 +198,6 @@ class Coordinator:
         self.client_password = client_password
         self._said_no_password = False
         self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
-        self._unknown: set[str] = set()  # sids this batch found nowhere (see _look_up)
         self._refusals: list[tuple[str, str]] = []  # (inbox, rate-limited reply) to publish
         self.dropped = DropCounter()
         # The limiter's time is the fake clock's in tests, else this host's monotonic one:
@@ -297,55 +295,45 @@ class Coordinator:
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def _credentials(self, r: Request) -> _Credentials | None:
-        """The key that must have signed `r`, and the inbox its reply goes to.
+    async def _look_up(self, requests: list[Request]) -> dict[str, _Credentials]:
+        """The credentials of every session of a batch: the key that must have signed its
+        requests, and the inbox their replies go to. A logon brings its new session's key; any
+        other request needs a session this coordinator knows of, live or recently removed
+        (whose client is still owed a `you-are-not-logged-on`); anything else cannot be
+        verified, so it is not answered.
 
-        A logon brings its new session's key; any other request needs a session this
-        coordinator knows of, live or recently removed (whose client is still owed a
-        `you-are-not-logged-on`). Anything else cannot be verified, so it is not answered.
-        """
-        if r.kind == "logon":
-            return _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
-        known = self._known.get(r.sid)
-        if known is None and r.sid not in self._unknown:
-            raw = cast(str | None, await self.redis.hget(self.keys.sessions, r.sid))
-            if raw is None:
-                raw = cast(str | None, await self.redis.get(self.keys.gone(r.sid)))
-            known = _Credentials.parse(raw)
-            if known is not None:
-                self._remember(r.sid, known)
-        return known
-
-    async def _look_up(self, requests: list[Request]) -> None:
-        """Read the credentials of every session of a batch that is not in the cache: one HMGET,
-        then one MGET of the gone entries of those not found. Two round trips a batch, not two
-        a request: requests of sessions nobody knows (garbage) cost nothing else, and one
-        flooder must not be able to slow the coordinator down to its round trips.
-
-        The sessions found in neither are remembered as unknown until the next batch, which
-        looks again (a logon in between is remembered by `handle` itself)."""
-        self._unknown = set()
-        wanted = list({r.sid for r in requests if r.kind != "logon"} - self._known.keys())
+        What is not in the cache is read with one HMGET, then one MGET of the gone entries of
+        those not found: two round trips a batch, not two a request, so requests of sessions
+        nobody knows (garbage) cost nothing else, and one flooder cannot slow the coordinator
+        down to its round trips."""
+        found: dict[str, _Credentials] = {}
+        wanted = []
+        for sid in {r.sid for r in requests if r.kind != "logon"}:
+            known = self._known.get(sid)
+            if known is None:
+                wanted.append(sid)
+            else:
+                found[sid] = known
         if not wanted:
-            return
+            return found
         records = cast(list[str | None], await self.redis.hmget(self.keys.sessions, wanted))
         missing = []
         for sid, raw in zip(wanted, records, strict=True):
             if raw is None:
                 missing.append(sid)
-            elif not self._remember_parsed(sid, raw):
-                self._unknown.add(sid)  # a corrupt record: it verifies nothing
+            else:
+                self._found(found, sid, raw)  # a corrupt record verifies nothing
         if missing:
             gone = cast(list[str | None], await self.redis.mget(map(self.keys.gone, missing)))
             for sid, raw in zip(missing, gone, strict=True):
-                if not self._remember_parsed(sid, raw):
-                    self._unknown.add(sid)
+                self._found(found, sid, raw)
+        return found
 
-    def _remember_parsed(self, sid: str, raw: str | None) -> bool:
+    def _found(self, found: dict[str, _Credentials], sid: str, raw: str | None) -> None:
         credentials = _Credentials.parse(raw)
         if credentials is not None:
             self._remember(sid, credentials)
-        return credentials is not None
+            found[sid] = credentials
 
     def _remember(self, sid: str, credentials: _Credentials) -> None:
         if len(self._known) >= _KNOWN_LIMIT:
@@ -361,11 +349,7 @@ class Coordinator:
         signed = self._decode(entry)
         if signed is None:
             return None
-        await self._look_up([signed.request])
-        try:
-            return await self._handle(signed)
-        finally:
-            await self._send_refusals()
+        return (await self._apply_batch([signed]))[0]
 
     async def _send_refusals(self) -> None:
         """Publish the `rate-limited` replies of the batch, all in one round trip."""
@@ -387,45 +371,91 @@ class Coordinator:
             log.exception("dropped a request its decoder failed on")
         return None
 
-    async def _handle(self, signed: SignedRequest) -> str | None:
-        """handle() of a decoded entry whose session's credentials were looked up."""
-        request = signed.request
-        credentials = await self._credentials(request)
-        if credentials is None or not signed.verify(credentials.key):
-            # No session id in the reason: garbage with a new one each time would make a new
-            # reason (a log line) each time.
-            self.dropped.note(f"unauthenticated {request.kind}: unknown session or bad signature")
-            return None
-        if self._over_limit(request):
-            # Refused before the script runs, and nothing is applied, so there is no `done` key
-            # to keep either. The reply goes out with the batch's others (_send_refusals): one
-            # round trip for a batch, so a session that pushes signed requests without waiting
-            # for replies cannot outrun the coordinator.
-            refused = encode_event(ReplyEvent(request.req, Reply.RATE_LIMITED))
-            self._refusals.append((credentials.inbox, refused))
-            self.limited.note(request.sid)
-            return Reply.RATE_LIMITED
+    async def _apply_batch(self, batch: list[SignedRequest]) -> list[str | None]:
+        """Verify, limit and apply a batch of decoded requests, in order; the reply word of
+        each, or None for one that was dropped.
+
+        Every request that passes is applied in one round trip for the whole batch (a pipeline
+        of scripts, run in order), not one awaited script a request: that round trip, not
+        Redis, is what a coordinator's rate is made of."""
+        credentials = await self._look_up([signed.request for signed in batch])
+        replies: list[str | None] = [None] * len(batch)
+        jobs: list[tuple[int, Request, _Credentials]] = []
+        for i, signed in enumerate(batch):
+            r = signed.request
+            if r.kind == "logon":
+                # A later request of this session in the same batch verifies with it too (the
+                # script says `you-are-not-logged-on` if the logon does not succeed).
+                credentials[r.sid] = _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
+            known = credentials.get(r.sid)
+            if known is None or not signed.verify(known.key):
+                # No session id in the reason: garbage with a new one each time would make a
+                # new reason (a log line) each time.
+                self.dropped.note(f"unauthenticated {r.kind}: unknown session or bad signature")
+                continue
+            if self._over_limit(r):
+                # Refused before any script runs, and nothing is applied, so there is no `done`
+                # key to keep either. The reply goes out with the batch's others: one round
+                # trip for a batch, so a session that pushes signed requests without waiting
+                # for replies cannot outrun the coordinator.
+                refused = encode_event(ReplyEvent(r.req, Reply.RATE_LIMITED))
+                self._refusals.append((known.inbox, refused))
+                self.limited.note(r.sid)
+                replies[i] = Reply.RATE_LIMITED
+                continue
+            jobs.append((i, r, known))
         try:
-            reply = await self.apply(request, credentials.inbox)
-        except ResponseError as e:
-            log.error("request %s (%s) failed in Redis: %s", request.req[:8], request.kind, e)
+            if jobs:
+                results = await self.scripts.requests(
+                    self.id, [self._job(r, known.inbox) for _, r, known in jobs], now=self._now()
+                )
+                for (i, r, known), result in zip(jobs, results, strict=True):
+                    replies[i] = self._applied(r, known, result)
+                await self._after_changes(
+                    [r for (i, r, _) in jobs if replies[i] in (Reply.LOGGED_ON, Reply.LOGGED_OFF)],
+                    [replies[i] for (i, _, _) in jobs],
+                )
+        finally:
+            await self._send_refusals()
+        return replies
+
+    def _job(self, r: Request, reply_to: str) -> Job:
+        s = self.settings
+        wait = r.wait_ms or s.reply_timeout_ms  # the sender's own wait is what counts
+        # Apply only while the reply can still reach a sender that is waiting for it.
+        timeout = wait - min(_REPLY_MARGIN_MS, wait // 5)
+        return Job(r, reply_to, timeout, _MAX_SKEW_MS, r.ttl_ms or s.heartbeat_ttl_ms)
+
+    def _applied(self, r: Request, known: _Credentials, result: str | ResponseError) -> str | None:
+        """What the script of one request did, noted here; its reply word (None: it failed)."""
+        if isinstance(result, ResponseError):
+            log.error("request %s (%s) failed in Redis: %s", r.req[:8], r.kind, result)
             return None
-        if reply == Reply.EXPIRED:
+        if result == Reply.EXPIRED:
             log.info(
-                "request %s (%s) arrived after its sender gave up; not applied",
-                request.req[:8],
-                request.kind,
+                "request %s (%s) arrived after its sender gave up; not applied", r.req[:8], r.kind
             )
-        elif reply == Reply.LOGGED_ON:
-            self._remember(request.sid, credentials)
-            self.crashes.add(request.sid, credentials.inbox)
-            # The new client learns at once how long it may go without a tick from us.
+        elif result == Reply.LOGGED_ON:
+            self._remember(r.sid, known)
+            self.crashes.add(r.sid, known.inbox)
+        elif result == Reply.LOGGED_OFF:
+            self.crashes.discard(r.sid)
+        return result
+
+    async def _after_changes(self, changed: list[Request], replies: list[str | None]) -> None:
+        """After a batch's logons and logoffs: a tick, so that new clients learn at once how
+        long they may go without one, and the seed's `list is now` once for the batch."""
+        if not changed:
+            return
+        if Reply.LOGGED_ON in replies:
             await self.redis.publish(self.keys.control, self._alive())
-            await self.log_list(f"logon {request.name}@{request.node}")
-        elif reply == Reply.LOGGED_OFF:
-            self.crashes.discard(request.sid)
-            await self.log_list(f"logoff {request.sid[:8]}")
-        return reply
+        why = [
+            f"logon {r.name}@{r.node}" if r.kind == "logon" else f"logoff {r.sid[:8]}"
+            for r in changed
+        ]
+        if len(why) > 3:
+            why = [*why[:3], f"+{len(why) - 3} more"]
+        await self.log_list(", ".join(why))
 
     def _over_limit(self, r: Request) -> bool:
         """Whether a verified request's session has sent faster than the limit; counted only
@@ -437,21 +467,6 @@ class Coordinator:
         if r.kind == "logon":
             return False
         return not self.limiter.allow(r.sid)
-
-    async def apply(self, r: Request, reply_to: str) -> str:
-        s, now = self.settings, self._now()
-        wait = r.wait_ms or s.reply_timeout_ms  # the sender's own wait is what counts
-        # Apply only while the reply can still reach a sender that is waiting for it.
-        timeout = wait - min(_REPLY_MARGIN_MS, wait // 5)
-        return await self.scripts.request(
-            self.id,
-            r,
-            reply_to=reply_to,
-            timeout_ms=timeout,
-            skew_ms=_MAX_SKEW_MS,
-            ttl_ms=r.ttl_ms or s.heartbeat_ttl_ms,
-            now=now,
-        )
 
     async def sweep(self) -> list[tuple[str, str, str]]:
         """Log off every session whose heartbeat key has expired (the seed's EXIT)."""
@@ -507,19 +522,17 @@ class Coordinator:
         )
         for _ in range(dropped):
             self.dropped.note("longer than any request")
-        # Garbage is dropped here, before any round trip; the rest costs two for the batch.
+        # Garbage is dropped here, before any round trip; the rest costs three for the batch:
+        # the look-up of its sessions, its scripts, and the refusals (if any).
         batch = [signed for signed in map(self._decode, entries) if signed is not None]
-        await self._look_up([signed.request for signed in batch])
-        for signed in batch:
-            try:
-                await self._handle(signed)
-            except (LeaseLost, RedisConnectionError, RedisTimeoutError):
-                raise
-            except Exception:
-                # Done with all the same: a request that breaks the coordinator once would
-                # break it again on every retry.
-                log.exception("dropped a request after an unexpected error")
-        await self._send_refusals()
+        try:
+            await self._apply_batch(batch)
+        except (LeaseLost, RedisError):
+            raise
+        except Exception:
+            # Done with all the same: a batch that breaks the coordinator once would break it
+            # again on every retry.
+            log.exception("dropped a batch of requests after an unexpected error")
         if entries:
             await self.scripts.finish(self.id, len(entries))
         self.dropped.report()

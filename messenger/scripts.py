@@ -16,11 +16,12 @@ what was applied. Only the coordinator runs these: clients have no right to EVAL
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from messenger.errors import LeaseLost
 from messenger.keys import Keys
@@ -314,10 +315,23 @@ async def _run(script: AsyncScript, keys: list[str], args: list[str]) -> Any:
         raise
 
 
+@dataclass(frozen=True)
+class Job:
+    """One request to apply: where its reply goes, how old it may be (`timeout_ms`) and how far
+    in the future (`skew_ms`), and for a logon the session's heartbeat TTL."""
+
+    request: Request
+    reply_to: str
+    timeout_ms: int
+    skew_ms: int
+    ttl_ms: int
+
+
 class Scripts:
     """The scripts registered on one redis client; each method is one round trip."""
 
     def __init__(self, redis: Redis, keys: Keys, *, gone_ttl_ms: int = 300_000) -> None:
+        self._redis = redis
         self.keys = keys
         self.gone_ttl_ms = gone_ttl_ms
 
@@ -338,6 +352,42 @@ class Scripts:
     def _now(now: int | None) -> str:
         return "" if now is None else str(now)
 
+    def _request_call(
+        self, coordinator: str, job: Job, now: int | None
+    ) -> tuple[AsyncScript, list[str], list[str]]:
+        """The script, keys and arguments that apply one request."""
+        k, r = self.keys, job.request
+        keys = [k.lease, k.done(r.req), k.sessions, k.names, k.nodes, k.users, k.deadlines]
+        args = [
+            coordinator,
+            r.req,
+            str(r.sent_ms),
+            str(job.timeout_ms),
+            str(job.skew_ms),
+            str(2 * job.timeout_ms + 1000),
+            self._now(now),
+            job.reply_to,
+            k.gone_prefix,
+            str(self.gone_ttl_ms),
+            r.sid,
+        ]
+        if r.kind == "logon":
+            script = self._logon
+            args += [
+                r.name,
+                r.node,
+                str(job.ttl_ms),
+                r.key,
+                job.reply_to,
+                k.hb(heartbeat_id(r.key)),
+            ]
+        elif r.kind == "message-to":
+            script = self._message
+            args += [r.to, r.text]
+        else:
+            script = self._logoff
+        return script, keys, args
+
     async def request(
         self,
         coordinator: str,
@@ -354,30 +404,41 @@ class Scripts:
         `reply_to` is the sender's inbox channel. `timeout_ms` is how old the request may be
         and still be applied; `skew_ms` how far in the future its time may be.
         """
-        k = self.keys
-        keys = [k.lease, k.done(r.req), k.sessions, k.names, k.nodes, k.users, k.deadlines]
-        args = [
-            coordinator,
-            r.req,
-            str(r.sent_ms),
-            str(timeout_ms),
-            str(skew_ms),
-            str(2 * timeout_ms + 1000),
-            self._now(now),
-            reply_to,
-            k.gone_prefix,
-            str(self.gone_ttl_ms),
-            r.sid,
-        ]
-        if r.kind == "logon":
-            script = self._logon
-            args += [r.name, r.node, str(ttl_ms), r.key, reply_to, k.hb(heartbeat_id(r.key))]
-        elif r.kind == "message-to":
-            script = self._message
-            args += [r.to, r.text]
-        else:
-            script = self._logoff
+        job = Job(r, reply_to, timeout_ms, skew_ms, ttl_ms)
+        script, keys, args = self._request_call(coordinator, job, now)
         return _text(await _run(script, keys, args))
+
+    async def requests(
+        self, coordinator: str, jobs: Sequence[Job], now: int | None = None
+    ) -> list[str | ResponseError]:
+        """Apply many requests in order, in one round trip (a pipeline of EVALSHAs): the reply
+        word (or `expired`) of each, or the error it failed with. Raises LeaseLost if this
+        coordinator does not hold the lease (then none was applied: each script checks it)."""
+        calls = [self._request_call(coordinator, job, now) for job in jobs]
+        for attempt in (1, 2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for script, keys, args in calls:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(res, NoScriptError) for res in results):
+                # A Redis that restarted or failed over has an empty script cache (and a
+                # fresh one before the first use). The requests whose script did run are
+                # replays the second time: their `done` keys make them no-ops.
+                for script in {id(c[0]): c[0] for c in calls}.values():
+                    await self._redis.script_load(script.script)
+                continue
+            break
+        out: list[str | ResponseError] = []
+        for res in results:
+            if isinstance(res, ResponseError):
+                if str(res).startswith("NOTLEADER"):
+                    raise LeaseLost("this coordinator no longer holds the lease")
+                out.append(res)
+            elif isinstance(res, Exception):
+                raise res  # a lost connection: the batch stays in flight for the next try
+            else:
+                out.append(_text(res))
+        return out
 
     async def sweep(
         self, coordinator: str, limit: int = 1000, now: int | None = None

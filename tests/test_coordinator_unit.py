@@ -992,3 +992,44 @@ async def test_the_refusals_of_a_batch_go_out_in_one_round_trip(
     assert [r["r"] for r in replies] == ["sent"] * 3 + ["rate-limited"] * 47
     assert {r["req"] for r in replies} == {r.req for r in requests}
     await inbox.aclose()
+
+
+async def test_a_batch_is_applied_in_one_round_trip_in_order(
+    coord: Coordinator, clock: FakeClock, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scripts of a batch go as one pipeline, not one awaited EVALSHA a request; their
+    effects are those of applying the requests one after the other."""
+    a, _ = await logon(coord, clock, "alice", "n1")
+    b, _ = await logon(coord, clock, "bob", "n2")
+    c, _ = await logon(coord, clock, "carol", "n3")
+    bob = redis.pubsub()
+    await bob.subscribe(inbox_of(b))
+    # Every script used once already, so none has to be loaded during the batch.
+    assert await handle(coord, clock, Request("message-to", sid(), c, to="bob", text="w")) == "sent"
+    assert await handle(coord, clock, Request("logoff", sid(), c)) == "logged-off"
+    texts = [f"t{i}" for i in range(30)]  # within alice's burst: none is rate-limited
+    requests = [Request("message-to", sid(), a, to="bob", text=t) for t in texts]
+    requests.append(Request("logoff", sid(), a))
+    requests.append(Request("message-to", sid(), a, to="bob", text="after logoff"))
+    await redis.rpush(Keys("u").requests, *(entry(r, clock.now) for r in requests))
+    alone, pipelines = Counter[str](), [0]
+    run, pipeline = redis.execute_command, redis.pipeline
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        alone[str(args[0]).upper()] += 1
+        return await run(*args, **kwargs)
+
+    def counted_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipelines[0] += 1
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "execute_command", counted)
+    monkeypatch.setattr(redis, "pipeline", counted_pipeline)
+    assert await coord.serve_batch()
+    # take and finish alone (each loaded on its first use), not one per request (32).
+    assert alone["EVALSHA"] <= 4, alone
+    assert pipelines[0] == 1  # the request scripts (no refusals to send)
+    got = [json.loads(m) async for m in _drain(bob)]
+    assert [m["text"] for m in got if m["t"] == "msg"] == ["w", *texts]  # in order, not the last
+    assert await users(redis) == {"bob": "n2"}
+    await bob.aclose()
