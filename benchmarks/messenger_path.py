@@ -277,7 +277,7 @@ async def capacity(m: Messenger) -> Figure:
     env = m.env
     assert m.coordinator is not None
     sessions = 8
-    total = (400 if env.smoke else 2000 if env.quick else 8000) // sessions * sessions
+    total = (400 if env.smoke else 4000 if env.quick else 20_000) // sessions * sessions
     counters = [Counter() for _ in range(sessions)]
     names = [f"cap{i}" for i in range(sessions)]
     clients = await m.logon(names, [c.hit for c in counters])
