@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,10 @@ async def _measure(
     args: argparse.Namespace, wanted: tuple[str, ...]
 ) -> tuple[list[Outcome], dict[str, Any]]:
     outcomes: list[Outcome] = []
+    # SIGTERM cancels the run, so every scenario's clean-up runs (its processes are ended).
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     with tempfile.TemporaryDirectory(prefix="mb-") as work, EmbeddedRedis() as server:
         env = Env(server.url, args.quick or args.smoke, args.repeat, work, smoke=args.smoke)
         redis = await _redis_info(server.url)
@@ -313,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     started = time.perf_counter()
-    outcomes, redis = asyncio.run(_measure(args, wanted))
+    try:
+        outcomes, redis = asyncio.run(_measure(args, wanted))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        print("benchmarks: stopped", file=sys.stderr)
+        return 130
     report = _report(args, wanted, outcomes, redis, time.perf_counter() - started)
     figures = {f.key: f for o in outcomes for f in o.figures}
     json_path = Path(args.json)

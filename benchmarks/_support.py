@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import os
 import signal
@@ -90,6 +92,17 @@ async def poll_until(check: Callable[[], object], timeout: float, what: str) -> 
         await asyncio.sleep(0.002)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask the kernel to SIGTERM this child when the benchmark dies, even by SIGKILL (a test's
+    timeout): no coordinator or `logon` is left behind. (As messenger/embedded.py does.)"""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class Process:
     """A child process (`python -m ...` or any argv) whose output lines are collected, so a
     scenario can wait for a line; `stop()` ends it by its own PID, even if it is SIGSTOPped."""
@@ -116,6 +129,7 @@ class Process:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
         )
         return cls(proc, what)
 
