@@ -44,8 +44,42 @@ SCENARIOS = ("raw", "erlang_ref", "channels_ref", "messenger_path", "scale", "fa
 OPTIONAL = frozenset({"erlang_ref", "scale", "faults"})
 # A scenario stuck past this is ended and reported as failed (quick, full).
 TIMEOUTS = (180.0, 3600.0)
-# Comparisons beyond each figure's own `ref`: the targets compare the messenger with these too.
+# Comparisons beyond each figure's own `ref`, made where both figures were measured: the
+# messenger against the other systems of the same shape.
 OTHERS = ("erlang", "channels_redis.core", "channels_redis.pubsub")
+# The issue's targets, shown beside the figures (informational: never an exit code). Each is
+# (figure, reference or None for an absolute figure, "min"/"max", bound).
+TARGETS: tuple[tuple[str, str | None, str, float], ...] = (
+    ("throughput.awaited.8pairs.messenger", "throughput.awaited.8pairs.raw", "min", 0.6),
+    ("throughput.inflight16.8pairs.messenger", "throughput.inflight16.8pairs.erlang", "min", 1.5),
+    (
+        "throughput.inflight16.8pairs.messenger",
+        "throughput.inflight16.8pairs.channels_redis.core",
+        "min",
+        1.0,
+    ),
+    (
+        "throughput.inflight16.8pairs.messenger",
+        "throughput.inflight16.8pairs.channels_redis.pubsub",
+        "min",
+        1.0,
+    ),
+    ("capacity.coordinator.messenger", None, "min", 21_000.0),
+    ("roundtrip.p50.messenger", "roundtrip.p50.raw", "max", 3.0),
+    ("roundtrip.p99.messenger", "roundtrip.p99.raw", "max", 4.0),
+    ("cli.message.messenger", "cli.message.floor", "max", 1.5),
+)
+
+
+def _comparison_pairs() -> list[tuple[str, str]]:
+    pairs = [(s.key("messenger"), s.key(other)) for s in shapes() for other in OTHERS]
+    for q in ("p50", "p99", "p999"):
+        # The Erlang reference names its round trips `rtt.*`.
+        pairs.append((f"roundtrip.{q}.messenger", f"rtt.{q}.erlang"))
+        pairs += [(f"roundtrip.{q}.messenger", f"roundtrip.{q}.{o}") for o in OTHERS[1:]]
+    pairs.append(("logon.rate.messenger", "logon.rate.erlang"))
+    pairs.append(("faults.kill9.removal_ms", "crash.detect.erlang"))
+    return pairs
 
 
 @dataclass
@@ -137,14 +171,25 @@ def ratio(figure: Figure, ref: Figure | None) -> float | None:
 
 
 def comparisons(figures: dict[str, Figure]) -> list[dict[str, Any]]:
-    """The messenger's throughput against each other system of the same shape, where both ran."""
+    """The messenger against each other system, where both ran."""
+    return [
+        {"key": ours, "ref": theirs, "ratio": ratio(figures[ours], figures[theirs])}
+        for ours, theirs in _comparison_pairs()
+        if ours in figures and theirs in figures
+    ]
+
+
+def targets(figures: dict[str, Figure]) -> list[dict[str, Any]]:
+    """Each target with the value it is judged on (a ratio, or the median of an absolute one)
+    and whether it is met; None where a figure was not measured."""
     out = []
-    for shape in shapes():
-        ours = figures.get(shape.key("messenger"))
-        for other in OTHERS:
-            theirs = figures.get(shape.key(other))
-            if ours is not None and theirs is not None:
-                out.append({"key": ours.key, "ref": theirs.key, "ratio": ratio(ours, theirs)})
+    for key, ref, way, bound in TARGETS:
+        figure = figures.get(key)
+        value = None
+        if figure is not None:
+            value = figure.median if ref is None else ratio(figure, figures.get(ref))
+        met = None if value is None else (value >= bound if way == "min" else value <= bound)
+        out.append({"key": key, "ref": ref, "way": way, "bound": bound, "value": value, "met": met})
     return out
 
 
@@ -177,7 +222,20 @@ def markdown(report: dict[str, Any], outcomes: list[Outcome], figures: dict[str,
         "Each figure: median (min-max) of the repetitions; ratio = median / reference median,",
         "both measured in this run on the same Redis.",
         "",
+        "## Targets (issue 13; informational, never a failure)",
+        "",
+        "| figure | against | target | now | |",
+        "|---|---|---|---|---|",
     ]
+    for t in report["targets"]:
+        unit = "x" if t["ref"] else ""
+        target = f"{'>=' if t['way'] == 'min' else '<='} {_number(t['bound'])}{unit}"
+        now = "not measured" if t["value"] is None else f"{_number(t['value'])}{unit}"
+        verdict = {None: "", True: "met", False: "not met"}[t["met"]]
+        lines.append(
+            f"| `{t['key']}` | `{t['ref'] or '(absolute)'}` | {target} | {now} | {verdict} |"
+        )
+    lines.append("")
     for outcome in outcomes:
         lines += [f"## {outcome.name}: {outcome.status} ({outcome.seconds:.1f} s)", ""]
         if outcome.error:
@@ -285,6 +343,7 @@ def _report(
             for key, f in figures.items()
         },
         "comparisons": comparisons(figures),
+        "targets": targets(figures),
     }
 
 

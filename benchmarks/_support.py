@@ -255,7 +255,9 @@ async def sample_roundtrips(env: Env, one: Callable[[], Awaitable[float]]) -> li
     p99 is not the largest), after 20 of warm-up that size them."""
     warm = [await one() for _ in range(20)]
     most = 300 if env.smoke else 1000 if env.quick else 10_000
-    count = max(100, min(most, int(rep_seconds(env) * 1e6 / statistics.mean(warm))))
+    # Full mode: three times as long, for tails worth their name.
+    seconds = rep_seconds(env) * (1 if env.quick else 3)
+    count = max(100, min(most, int(seconds * 1e6 / statistics.mean(warm))))
     return [[await one() for _ in range(count)] for _ in range(env.repeat)]
 
 
