@@ -112,6 +112,7 @@ class Messenger:
             await self.coordinator.wait_line("is active", 30.0, stream="stderr")
         except BaseException:
             await self.coordinator.stop()
+            await self.admin.aclose()
             raise
         return self
 

@@ -121,3 +121,11 @@ def test_check_wants_messages_and_references() -> None:
         "x.messenger: its reference x.raw was not measured",
     ]
     assert runner.ratio(empty, _FIGURE) == 0.5
+
+
+def test_channels_redis_missing_is_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import channels_ref
+
+    monkeypatch.setitem(sys.modules, "channels_redis.core", None)  # import raises ImportError
+    with pytest.raises(NotRun, match="channels_redis is not installed"):
+        channels_ref._factory("core", "redis://unused")
