@@ -277,6 +277,8 @@ def check(outcomes: list[Outcome], figures: dict[str, Figure]) -> list[str]:
         if o.status == "failed":
             problems.append(f"{o.name} failed: {o.error}")
         problems += [f"{o.name}: figure {key} is missing" for key in o.missing]
+    keys = [f.key for o in outcomes for f in o.figures]
+    problems += [f"figure {k} was measured twice" for k in sorted(set(keys)) if keys.count(k) > 1]
     for f in figures.values():
         if not f.values or not all(math.isfinite(v) and v > 0 for v in f.values):
             problems.append(f"{f.key}: values {list(f.values)} are not all positive numbers")
@@ -302,7 +304,12 @@ async def _measure(
         redis = await _redis_info(server.url)
         redis["binary"] = server.binary or os.environ.get("MESSENGER_REDIS_SERVER") or "PATH"
         for name in wanted:
-            module = _module(name)
+            try:
+                module = _module(name)
+            except Exception as e:  # a module that does not even import fails alone
+                traceback.print_exc()
+                outcomes.append(Outcome(name, "failed", error=f"import: {type(e).__name__}: {e}"))
+                continue
             if module is None:
                 if name not in OPTIONAL or args.only is not None:
                     outcomes.append(Outcome(name, "failed", error="no such module"))
