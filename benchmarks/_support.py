@@ -11,6 +11,7 @@ import os
 import signal
 import statistics
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -241,12 +242,22 @@ async def sized(
 ) -> tuple[int, tuple[float, ...]]:
     """Run `once(n)` (n messages per sender; returns msgs/s) `env.repeat` times with n such
     that a repetition takes about rep_seconds: systems differ by 20x, so a fixed count would be
-    too few for one or far too long for another. The first, small, run warms every connection
-    up and gives the rate that sizes the others. Returns (n, the rates)."""
-    probe = max(4 * shape.inflight, 20)
-    rate = await once(probe)
-    count = int(rate * rep_seconds(env) / shape.pairs)
-    count = max(probe, min(count, 200_000 // shape.pairs))
+    too few for one or far too long for another. A small first run warms every connection up
+    (its rate says little: it pays for making them); then runs four times longer each, until
+    one takes a quarter of rep_seconds, give the rate that sizes the others. Returns (n, the
+    rates)."""
+    probe = max(shape.inflight, 10)  # one send per slot in flight: every connection made
+    most = 200_000 // shape.pairs
+    await once(probe)
+    count = probe
+    while True:
+        started = time.perf_counter()
+        rate = await once(count)
+        if time.perf_counter() - started >= rep_seconds(env) / 4 or count >= most:
+            break
+        count *= 4
+    # At least two sends per slot in flight, so that the slots overlap.
+    count = max(2 * probe, min(int(rate * rep_seconds(env) / shape.pairs), most))
     return count, tuple([await once(count) for _ in range(env.repeat)])
 
 
