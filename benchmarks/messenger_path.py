@@ -13,7 +13,9 @@ a benchmark sender is a loop, which the limit exists to stop. Figures:
 - `roundtrip.{p50,p99,p999}.messenger`: A sends to B, B's callback sends back, A's callback
   ends it (µs; ref: raw ping-pong).
 - `capacity.coordinator.messenger`: requests/s the coordinator drains, with the requests
-  already queued (signed message requests pushed while it is SIGSTOPped).
+  already queued (signed message requests pushed while it is SIGSTOPped); and
+  `capacity.{coordinator_cpu,redis_cpu}.messenger`, the CPU (µs) each request cost the
+  coordinator and Redis meanwhile: steadier than rates on a shared machine.
 - `logon.rate.messenger`: logons/s of fresh sessions logging on at once.
 - `cli.message.messenger`: wall time of `python -m messenger message bob hi --node n1`
   (ref: `cli.message.floor`, benchmarks/floor_message.py, the same JSON line to the same
@@ -32,6 +34,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
 
 from benchmarks._support import (
     PAYLOAD,
@@ -70,6 +74,8 @@ def expected_keys(env: Env) -> list[str]:
         *(s.key(SYSTEM) for s in shapes(env)),
         *(f"roundtrip.{name}.{SYSTEM}" for name, _ in PERCENTILES),
         "capacity.coordinator.messenger",
+        "capacity.coordinator_cpu.messenger",
+        "capacity.redis_cpu.messenger",
         "logon.rate.messenger",
         "cli.message.messenger",
         "cli.message.floor",
@@ -273,8 +279,24 @@ def _state(pid: int) -> str:
         return f.read().rpartition(")")[2].split()[0]
 
 
-async def capacity(m: Messenger) -> Figure:
-    """Requests already queued, drained as fast as the coordinator can."""
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process so far: from the scheduler (ns) where the kernel says, else user
+    + system clock ticks (10 ms: coarse beside a drain of a few hundred ms)."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _redis_cpu_seconds(redis: Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def capacity(m: Messenger) -> list[Figure]:
+    """Requests already queued, drained as fast as the coordinator can; and what the drain cost
+    the coordinator and Redis in CPU per request (steadier than rates on a shared machine)."""
     env = m.env
     assert m.coordinator is not None
     sessions = 8
@@ -283,7 +305,7 @@ async def capacity(m: Messenger) -> Figure:
     names = [f"cap{i}" for i in range(sessions)]
     clients = await m.logon(names, [c.hit for c in counters])
 
-    async def once() -> float:
+    async def once() -> tuple[float, float, float]:
         for counter in counters:
             counter.expect(total // sessions)
         now = await redis_ms(m.admin)
@@ -312,6 +334,7 @@ async def capacity(m: Messenger) -> Figure:
                 for i in range(0, total, 500):
                     pipe.rpush(m.keys.requests, *entries[i : i + 500])
                 await pipe.execute()
+            cpu, redis_cpu = _cpu_seconds(coordinator.pid), await _redis_cpu_seconds(m.admin)
         finally:
             coordinator.signal(signal.SIGCONT)
         started = time.perf_counter()
@@ -325,23 +348,47 @@ async def capacity(m: Messenger) -> Figure:
 
         await poll_until(drained, 120.0, "the request queue to drain")
         rate = total / (time.perf_counter() - started)
+        cpu = _cpu_seconds(coordinator.pid) - cpu
+        # Includes the drained() polls (a few hundred LLENs): small beside the scripts.
+        redis_cpu = await _redis_cpu_seconds(m.admin) - redis_cpu
         await wait_all(counters, 30.0, "queued messages")  # all applied, none lost
-        return rate
+        return rate, cpu / total * 1e6, redis_cpu / total * 1e6
 
     try:
-        values = tuple([await once() for _ in range(env.repeat)])
+        reps = [await once() for _ in range(env.repeat)]
     finally:
         await close(clients)
-    return Figure(
-        "capacity.coordinator.messenger",
-        f"coordinator capacity: {total:,} queued message requests drained "
-        "(beside raw pub/sub's rate on this Redis)",
-        "req/s",
-        values,
-        ref="throughput.inflight16.8pairs.raw",
-        notes=NOTE,
-        extra={"messages": total, "sessions": sessions},
-    )
+    extra = {"messages": total, "sessions": sessions}
+    return [
+        Figure(
+            "capacity.coordinator.messenger",
+            f"coordinator capacity: {total:,} queued message requests drained "
+            "(beside raw pub/sub's rate on this Redis)",
+            "req/s",
+            tuple(r[0] for r in reps),
+            ref="throughput.inflight16.8pairs.raw",
+            notes=NOTE,
+            extra=extra,
+        ),
+        Figure(
+            "capacity.coordinator_cpu.messenger",
+            "coordinator CPU per queued request drained",
+            "µs",
+            tuple(r[1] for r in reps),
+            better="lower",
+            notes=NOTE,
+            extra=extra,
+        ),
+        Figure(
+            "capacity.redis_cpu.messenger",
+            "Redis CPU per queued request drained (user + system, from INFO)",
+            "µs",
+            tuple(r[2] for r in reps),
+            better="lower",
+            notes=NOTE,
+            extra=extra,
+        ),
+    ]
 
 
 async def logon_rate(m: Messenger) -> Figure:
