@@ -467,16 +467,23 @@ class Client:
                 await asyncio.wait_for(old.aclose(), 0.5)  # type: ignore[no-untyped-call]
         await self._pubsub.subscribe(self.inbox, self.keys.control)
         await self._confirm_subscriptions(2)
-        await self._read_clock()  # a failover may have moved us to a host with another clock
-        if self._entries:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for entry in self._entries.values():
-                    pipe.rpush(self.keys.requests, entry)
-                await pipe.execute()
+        # Subscribed: from now on a message may be `sent` to this connection, so it is the one
+        # the reader reads, whatever fails next (a failed step below must not make a retry
+        # throw it away with what it holds).
         self._last_pong = time.monotonic()
         # No tick could arrive while it was away: the silence of the outage does not count.
         self._coordinator_until += time.monotonic() - self._lost_at
         self._connected.set()
+        try:
+            await self._read_clock()  # a failover may have moved us to a host with another clock
+            if self._entries:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for entry in self._entries.values():
+                        pipe.rpush(self.keys.requests, entry)
+                    await pipe.execute()
+        except (RedisError, OSError) as e:
+            # Their replies may then not come: those requests end as `No response from server`.
+            log.warning("back on Redis, but could not push the pending requests again: %s", e)
 
     def _dispatch(self, data: str) -> None:
         try:

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from messenger import wire
 from messenger.errors import LeaseLost
 from messenger.keys import Keys
 from messenger.protocol import Request, heartbeat_id
@@ -415,11 +416,11 @@ class Scripts:
         word (or `expired`) of each, or the error it failed with. Raises LeaseLost if this
         coordinator does not hold the lease (then none was applied: each script checks it)."""
         calls = [self._request_call(coordinator, job, now) for job in jobs]
+        commands = [
+            ["EVALSHA", script.sha, str(len(keys)), *keys, *args] for script, keys, args in calls
+        ]
         for attempt in (1, 2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for script, keys, args in calls:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results: list[Any] = await pipe.execute(raise_on_error=False)
+            results = await wire.pipeline(self._redis, commands)
             if attempt == 1 and any(isinstance(res, NoScriptError) for res in results):
                 # A Redis that restarted or failed over has an empty script cache (and a
                 # fresh one before the first use). The requests whose script did run are

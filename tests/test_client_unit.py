@@ -458,3 +458,31 @@ async def test_a_request_in_flight_when_the_client_stops_is_no_response_not_a_se
     with pytest.raises(NoResponse) as caught:
         await sending
     assert "stopped before the reply came: you-are-not-logged-on" in caught.value.detail
+
+
+async def test_a_message_that_arrives_while_reconnecting_is_not_thrown_away(
+    coordinator: Coordinator, nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Subscribed again, the client reads Redis's clock; if that fails, the new connection (and
+    a message `sent` to it meanwhile) must not be dropped by a retry."""
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+    real_time = bob.client.redis.time
+    failed: list[bool] = []
+
+    async def time_fails_once_after_a_message(*args: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            assert await alice.client.send("bob", "meanwhile") == Reply.SENT  # it is subscribed
+            raise RedisConnectionError("Connection reset by peer")
+        return await real_time(*args)
+
+    monkeypatch.setattr(bob.client.redis, "time", time_fails_once_after_a_message)
+    broken = bob.client._pubsub
+    assert broken is not None
+    Outage(monkeypatch, broken, "get_message")
+    await asyncio.wait_for(_until(_async(lambda: failed)), 3)
+    await asyncio.wait_for(_until(_async(lambda: bob.lines)), 3)
+    assert bob.lines == ["Message from alice: meanwhile"]
+    assert not bob.client.finished.done()

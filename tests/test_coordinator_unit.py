@@ -14,6 +14,7 @@ from typing import Any
 import fakeredis
 import pytest
 
+from messenger import wire
 from messenger.coordinator import Coordinator
 from messenger.crashes import RedisRestarted
 from messenger.errors import LeaseLost
@@ -1013,7 +1014,7 @@ async def test_a_batch_is_applied_in_one_round_trip_in_order(
     requests.append(Request("message-to", sid(), a, to="bob", text="after logoff"))
     await redis.rpush(Keys("u").requests, *(entry(r, clock.now) for r in requests))
     alone, pipelines = Counter[str](), [0]
-    run, pipeline = redis.execute_command, redis.pipeline
+    run, pipeline = redis.execute_command, wire.pipeline
 
     async def counted(*args: Any, **kwargs: Any) -> Any:
         alone[str(args[0]).upper()] += 1
@@ -1024,7 +1025,7 @@ async def test_a_batch_is_applied_in_one_round_trip_in_order(
         return pipeline(*args, **kwargs)
 
     monkeypatch.setattr(redis, "execute_command", counted)
-    monkeypatch.setattr(redis, "pipeline", counted_pipeline)
+    monkeypatch.setattr(wire, "pipeline", counted_pipeline)
     assert await coord.serve_batch()
     # take and finish alone (each loaded on its first use), not one per request (32).
     assert alone["EVALSHA"] <= 4, alone

@@ -1331,7 +1331,7 @@ class Soak:
                     INVARIANTS[6],
                     f"{inc.label}: removed while stopped, resumed, then "
                     f"{inc.end_reason()} ({'in time' if ended else 'not within'} "
-                    f"{FENCE_BOUND:.0f}s)",
+                    f"{FENCE_BOUND:.0f}s) [{inc.stderr_tail()}]",
                 )
 
 
