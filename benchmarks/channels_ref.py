@@ -40,6 +40,10 @@ from benchmarks.raw import PERCENTILES
 
 KINDS = ("core", "pubsub")
 MESSAGE = {"type": "chat.message", "text": PAYLOAD}
+# Ends a receiving loop. Cancelling one instead can hang: RedisChannelLayer's receive() does
+# not always give way to a cancellation (seen: for longer than 10 s), and asyncio.run would then
+# wait for it forever.
+STOP = {"type": "bench.stop"}
 
 
 def system(kind: str) -> str:
@@ -92,7 +96,7 @@ class _Setup:
         self.env = env
         self.make = _factory(kind, env.redis_url)
         self.layers: list[Any] = []
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks: list[tuple[Any, str, asyncio.Future[None]]] = []
 
     def layer(self) -> Any:
         layer = self.make()
@@ -116,23 +120,39 @@ class _Setup:
                 await redis.aclose()
         return name
 
-    def spawn(self, coro: Awaitable[None]) -> None:
-        self.tasks.append(asyncio.ensure_future(coro))
+    def spawn(self, layer: Any, channel: str, coro: Awaitable[None]) -> None:
+        """A task receiving on `channel` of `layer`; it must end at STOP."""
+        self.tasks.append((layer, channel, asyncio.ensure_future(coro)))
 
     async def __aenter__(self) -> _Setup:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for layer in self.layers:
-            await _close(self.kind, layer)
+        async def stop(layer: Any, channel: str) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(layer.send(channel, STOP), 5.0)
+
+        await asyncio.gather(*(stop(layer, channel) for layer, channel, _ in self.tasks))
+        tasks = [task for _, _, task in self.tasks]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=5.0)
+            for task in late:  # a last resort (see STOP)
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=2.0)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed receiver has already failed the figure
+
+        async def close(layer: Any) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_close(self.kind, layer), 5.0)
+
+        await asyncio.gather(*(close(layer) for layer in self.layers))
 
 
 async def _count(layer: Any, channel: str, counter: Counter) -> None:
-    while True:
-        await layer.receive(channel)
+    while (await layer.receive(channel)).get("type") != STOP["type"]:
         counter.hit()
 
 
@@ -151,7 +171,7 @@ async def throughput(kind: str, env: Env, shape: Shape) -> Figure:
         channels = [await s.channel(r) for r in receivers]
         counters = [Counter() for _ in range(shape.pairs)]
         for r, c, counter in zip(receivers, channels, counters, strict=True):
-            s.spawn(_count(r, c, counter))
+            s.spawn(r, c, _count(r, c, counter))
 
         async def once(n: int) -> float:
             for counter in counters:
@@ -183,10 +203,10 @@ async def roundtrip(kind: str, env: Env) -> list[Figure]:
         a_channel, b_channel = await s.channel(a), await s.channel(b)
 
         async def echo() -> None:
-            while True:
-                await b.send(a_channel, await b.receive(b_channel))
+            while (message := await b.receive(b_channel)).get("type") != STOP["type"]:
+                await b.send(a_channel, message)
 
-        s.spawn(echo())
+        s.spawn(b, b_channel, echo())
 
         async def one() -> float:
             started = time.perf_counter_ns()
