@@ -194,9 +194,9 @@ def targets(figures: dict[str, Figure]) -> list[dict[str, Any]]:
 
 
 def _number(value: float) -> str:
-    if value >= 100:
+    if abs(value) >= 100:
         return f"{value:,.0f}"
-    return f"{value:.3g}" if value >= 1 else f"{value:.3f}"
+    return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
 
 
 def _cell(f: Figure) -> str:
@@ -264,7 +264,7 @@ def markdown(report: dict[str, Any], outcomes: list[Outcome], figures: dict[str,
     if run["mode"] != "full":
         lines.append(
             f"{run['mode'].capitalize()} mode: each repetition about "
-            f"{'0.1' if run['mode'] == 'smoke' else '0.3'} s (full: 2 s)"
+            f"{'0.1' if run['mode'] == 'smoke' else '0.25'} s (full: 2 s)"
             + (", no 32-pair shapes." if run["mode"] == "smoke" else ".")
         )
     return "\n".join(lines) + "\n"

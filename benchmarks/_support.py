@@ -234,7 +234,7 @@ def shapes(env: Env | None = None) -> list[Shape]:
 
 def rep_seconds(env: Env) -> float:
     """About how long one repetition of a rate or a latency figure takes."""
-    return 0.1 if env.smoke else 0.3 if env.quick else 2.0
+    return 0.1 if env.smoke else 0.25 if env.quick else 2.0
 
 
 async def sized(
