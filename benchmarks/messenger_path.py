@@ -29,6 +29,7 @@ import contextlib
 import os
 import secrets
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -198,9 +199,14 @@ async def throughput(m: Messenger, shape: Shape) -> Figure:
         await close(senders)
         raise
 
+    assert m.coordinator is not None
+    pid = m.coordinator.pid
+    cpu: list[float] = []  # the coordinator's CPU per message of each run (µs)
+
     async def once(n: int) -> float:
         for counter in counters:
             counter.expect(n)
+        before = _cpu_seconds(pid)
         started = time.perf_counter()
         await asyncio.gather(
             *(
@@ -209,12 +215,15 @@ async def throughput(m: Messenger, shape: Shape) -> Figure:
             )
         )
         await wait_all(counters, 60.0, "messages")
-        return shape.pairs * n / (time.perf_counter() - started)
+        rate = shape.pairs * n / (time.perf_counter() - started)
+        cpu.append((_cpu_seconds(pid) - before) / (shape.pairs * n) * 1e6)
+        return rate
 
     try:
         count, values = await sized(env, shape, once)
     finally:
         await close(senders + receivers)
+    timed = cpu[-len(values) :]  # the timed repetitions' (sized() runs a few before them)
     return Figure(
         shape.key(SYSTEM),
         shape.label("messenger"),
@@ -222,7 +231,13 @@ async def throughput(m: Messenger, shape: Shape) -> Figure:
         values,
         ref=shape.key("raw"),
         notes=NOTE,
-        extra={"messages": count * shape.pairs, "per_sender": count},
+        extra={
+            "messages": count * shape.pairs,
+            "per_sender": count,
+            # Steadier than the rate on a shared machine: what the coordinator spent a message.
+            "coordinator_cpu_us_per_msg": [round(v, 1) for v in timed],
+            "coordinator_cpu_us_per_msg_median": round(statistics.median(timed), 1),
+        },
     )
 
 
