@@ -16,6 +16,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+class NotRun(Exception):
+    """Raised by a scenario that cannot run here (a missing package or tool): the report says
+    why, and the other scenarios still run. Not a failure, so not a crash either."""
+
+
+class Partial(Exception):
+    """Raised by a scenario some of whose parts failed: the figures it did measure are kept,
+    and the report names each part that failed and why."""
+
+    def __init__(self, figures: list[Figure], errors: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{part}: {why}" for part, why in errors.items()))
+        self.figures = figures
+        self.errors = errors
+
+
 @dataclass(frozen=True)
 class Env:
     """What a scenario gets: the Redis it may use, and how hard to try."""
@@ -24,6 +39,8 @@ class Env:
     quick: bool  # quick mode: the whole suite under 60 s; full mode: as long as it takes
     repeat: int  # repetitions per figure (at least 3)
     work_dir: str  # a private temporary directory for runtime dirs, sockets, files
+    # A cut-down quick mode (tests/test_benchmarks.py): it runs everything, the figures mean little.
+    smoke: bool = False
 
 
 @dataclass(frozen=True)
