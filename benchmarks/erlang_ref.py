@@ -7,7 +7,7 @@ It compiles benchmarks/erlang/*.erl (erlc, into the work directory), starts its 
 loopback port, the server's node (which runs the driver, bench.erl) and two client nodes, plus one
 node per repetition of the crash scenario, all on 127.0.0.1; it sends the driver one command per
 run and parses the one JSON line it answers. Needs `erl`, `erlc` and `epmd` (Debian: apt-get install
-erlang-base); without them `run` raises RuntimeError, which the runner reports as not run.
+erlang-base); without them `run` raises NotRun, which the runner reports as not run.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.figures import Env, Figure, repeat
+from benchmarks.figures import Env, Figure, NotRun, repeat
 
 SOURCES = Path(__file__).resolve().parent / "erlang"
 _HOST = "127.0.0.1"
@@ -55,7 +55,7 @@ _FULL = _Counts(messages=20000, rtt_samples=10000, logons=5000)
 def _tools() -> tuple[str, str, str]:
     erl, erlc, epmd = (shutil.which(name) for name in ("erl", "erlc", "epmd"))
     if erl is None or erlc is None or epmd is None:
-        raise RuntimeError("erl not found: apt-get install erlang-base")
+        raise NotRun("erl not found: apt-get install erlang-base")
     return erl, erlc, epmd
 
 
@@ -323,7 +323,7 @@ def main() -> None:
         env = Env(redis_url="", quick=not args.full, repeat=args.repeat, work_dir=work)
         try:
             figures = asyncio.run(run(env))
-        except RuntimeError as e:
+        except (NotRun, RuntimeError) as e:
             sys.exit(f"not run: {e}")
     for fig in figures:
         if args.json:
