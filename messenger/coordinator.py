@@ -57,6 +57,7 @@ Clock = Callable[[], int]
 """Milliseconds on Redis's time line. None means: let Redis read its own clock (production)."""
 
 _LIST_LOG_LIMIT = 50
+_GRANT_CHUNK = 1000  # heartbeat keys per script after an outage
 # A batch: at most this many requests, and this many bytes of them (or one request's worth).
 _BATCH = 100
 _BATCH_BYTES = 1 << 20
@@ -210,6 +211,7 @@ class Coordinator:
         self.crashes = CrashWatch()
         self.active = False  # holds the lease, as far as it knows
         self._reached_redis = False  # Redis answered since the last failure (see run)
+        self._outage_began: float | None = None  # when Redis went away, until given back
         self.activations = 0  # how many times it became the active coordinator
         self._primary_check: asyncio.Task[PrimaryMoved | None] | None = None
 
@@ -235,6 +237,7 @@ class Coordinator:
         while not stop.is_set():
             if await self.try_acquire_lease():
                 return True
+            self._outage_began = None  # another one serves: the time back is its to give
             if not announced:
                 log.warning("another coordinator holds the lease; waiting as standby")
                 announced = True
@@ -555,6 +558,7 @@ class Coordinator:
         self.active = True
         self.activations += 1
         await self._provision()
+        await self._give_outage_back()
         # Redis may have restarted since the last activation: no inbox counts as seen.
         await self.crashes.load(self.redis, self.keys, self.keys.canary(self.id))
         await self.sweep()
@@ -578,6 +582,27 @@ class Coordinator:
                     await self._wait_for_requests(block)
         finally:
             self._stop_following()
+
+    async def _give_outage_back(self) -> None:
+        """Back after Redis was away (restarted, failed over, cut off): no client could refresh
+        its heartbeat key meanwhile, so every key still alive gets the time of the outage back,
+        and a session that Redis kept is not lost to the seconds it took everyone to return.
+        Keys that expired during the outage stay gone (their sessions are swept)."""
+        began, self._outage_began = self._outage_began, None
+        if began is None:
+            return
+        canary = self.crashes.canary_channel
+        if canary and int((await self.redis.pubsub_numsub(canary))[0][1]) > 0:
+            return  # Redis kept our subscription: it was this coordinator that was cut off
+        # At most a heartbeat TTL: a session is never kept longer than that on our account.
+        away_ms = min(int((time.monotonic() - began) * 1000), self.settings.heartbeat_ttl_ms)
+        members = cast(list[str], await self.redis.zrange(self.keys.deadlines, 0, -1))
+        hb_keys = [self.keys.hb(m.split(":", 1)[1]) for m in members if ":" in m]
+        given = 0
+        for i in range(0, len(hb_keys), _GRANT_CHUNK):
+            given += await self.scripts.grant(self.id, hb_keys[i : i + _GRANT_CHUNK], away_ms)
+        if given:
+            log.info("Redis was away %.1f s: %d sessions got that time back", away_ms / 1000, given)
 
     async def _provision(self) -> None:
         """Put the client users in place (docs/security.md); without a client password, clients
@@ -647,6 +672,7 @@ class Coordinator:
                 now = time.monotonic()
                 if self._reached_redis:  # it worked a moment ago: an outage starts now
                     outage_since, failures = now, 0
+                    self._outage_began = now
                 if outage_since is not None and now - outage_since < self.settings.heartbeat_ttl:
                     delay = _RETRY_DELAYS[0]
                 else:

@@ -69,6 +69,11 @@ class CrashWatch:
         self._seen: set[str] = set()  # sids whose inbox had a subscriber since reset()
         self._round: list[str] = []  # sids still to look at in this round
 
+    @property
+    def canary_channel(self) -> str:
+        """The canary's channel since the last load ("" before the first)."""
+        return self._canary_channel
+
     def __len__(self) -> int:
         return len(self._inboxes)
 

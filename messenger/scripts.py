@@ -242,6 +242,24 @@ end
 return out
 """
 
+# KEYS[1] lease, then heartbeat keys; ARGV[1] coordinator id, [2] ms to add.
+# After Redis was away, nobody could refresh a heartbeat key meanwhile: each key still alive gets
+# that time back (never a new key, never less than it had), so its client has its whole TTL to
+# come back. Returns how many keys were extended.
+_GRANT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
+end
+local n = 0
+for i = 2, #KEYS do
+  local left = redis.call('PTTL', KEYS[i])
+  if left > 0 then
+    redis.call('PEXPIRE', KEYS[i], left + tonumber(ARGV[2])); n = n + 1
+  end
+end
+return n
+"""
+
 # KEYS[1] lease, [2] requests, [3] inflight
 # ARGV[1] coordinator id, [2] most entries, [3] most bytes, [4] longest entry
 # The next batch: what is in flight already (left by a coordinator that died, or being
@@ -362,6 +380,7 @@ class Scripts:
         self._logoff = redis.register_script(frame(_LOGOFF))
         self._sweep = redis.register_script(_PRELUDE + _SWEEP)
         self._crashed = redis.register_script(_PRELUDE + _CRASHED)
+        self._grant = redis.register_script(_GRANT)
         self._take = redis.register_script(_TAKE)
         self._finish = redis.register_script(_FINISH)
         self._lease_hold = redis.register_script(_LEASE_HOLD)
@@ -504,6 +523,11 @@ class Scripts:
         return [
             (items[i], items[i + 1], items[i + 2], items[i + 3]) for i in range(0, len(items), 4)
         ]
+
+    async def grant(self, coordinator: str, hb_keys: Sequence[str], ms: int) -> int:
+        """Give every heartbeat key still alive `ms` more (see _GRANT)."""
+        keys = [self.keys.lease, *hb_keys]
+        return int(await _run(self._grant, keys=keys, args=[coordinator, str(ms)]))
 
     async def take(
         self, coordinator: str, *, most: int, budget: int, longest: int

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -855,6 +856,35 @@ async def test_when_redis_lost_its_connections_nobody_is_judged_crashed(
     with pytest.raises(RedisRestarted):
         await coord.remove_crashed()
     assert await users(redis) == {"alice": "n1"}
+    await coord.crashes.close()
+
+
+async def test_after_redis_was_away_the_sessions_get_that_time_back(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    """Nobody could refresh a heartbeat key while Redis was away: each key still alive gets the
+    time of the outage back, none is made, and none when only this coordinator was cut off."""
+    k = Keys("u")
+    await coord.crashes.load(redis, k, k.canary(coord.id))
+    a, _ = await logon(coord, clock, "alice", "n1")
+    b, _ = await logon(coord, clock, "bob", "n2")
+    await expire(redis, b)  # bob's key expired during the outage: it stays gone
+    await redis.pexpire(hb_of(a), 1000)
+
+    coord._outage_began = time.monotonic() - 60  # only this coordinator was cut off
+    await coord._give_outage_back()
+    assert await redis.pttl(hb_of(a)) <= 1000
+
+    canary = coord.crashes._canary
+    assert canary is not None
+    await canary.unsubscribe()  # Redis restarted: it lost every connection, ours too
+    coord._outage_began = time.monotonic() - 1.5
+    await coord._give_outage_back()
+    assert 2000 < await redis.pttl(hb_of(a)) <= 2500
+    assert not await redis.exists(hb_of(b))
+    coord._outage_began = time.monotonic() - 60  # a long one: at most a heartbeat TTL back
+    await coord._give_outage_back()
+    assert await redis.pttl(hb_of(a)) <= 2500 + coord.settings.heartbeat_ttl_ms
     await coord.crashes.close()
 
 
