@@ -385,12 +385,17 @@ class Coordinator:
         replies: list[str | None] = [None] * len(batch)
         jobs: list[tuple[int, Request, _Credentials]] = []
         for i, signed in enumerate(batch):
+            known: _Credentials | None
             r = signed.request
             if r.kind == "logon":
-                # A later request of this session in the same batch verifies with it too (the
-                # script says `you-are-not-logged-on` if the logon does not succeed).
-                credentials[r.sid] = _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
-            known = credentials.get(r.sid)
+                # A logon brings its own key. A later request of this session in the same batch
+                # verifies with it too (the script says `you-are-not-logged-on` if the logon
+                # does not succeed), unless the session is known already: a logon must never
+                # replace a live session's key, not even for the rest of a batch.
+                known = _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
+                credentials.setdefault(r.sid, known)
+            else:
+                known = credentials.get(r.sid)
             if known is None or not signed.verify(known.key):
                 # No session id in the reason: garbage with a new one each time would make a
                 # new reason (a log line) each time.

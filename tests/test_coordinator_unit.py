@@ -1107,3 +1107,27 @@ async def test_a_batch_is_applied_in_one_round_trip_in_order(
     assert [m["text"] for m in got if m["t"] == "msg"] == ["w", *texts]  # in order, not the last
     assert await users(redis) == {"bob": "n2"}
     await bob.aclose()
+
+
+async def test_a_logon_in_a_batch_never_replaces_a_live_sessions_key(
+    coord: Coordinator, clock: FakeClock, redis: Any
+) -> None:
+    """A forged logon that reuses alice's session id with a key of its own, in the same batch
+    as alice's next message: alice's message still verifies with her key and is sent."""
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await logon(coord, clock, "bob", "n2")
+    alice = redis.pubsub()
+    await alice.subscribe(inbox_of(a))
+    forged_key = new_session_key()
+    forged = Request("logon", sid(), a, name="mallory", node="n9", key=forged_key)
+    real = Request("message-to", sid(), a, to="bob", text="still me")
+    await redis.rpush(
+        Keys("u").requests,
+        encode_request(replace(forged, sent_ms=clock.now), forged_key),
+        entry(real, clock.now),
+    )
+    assert await coord.serve_batch()
+    replies = {m["req"]: m["r"] for m in [json.loads(x) async for x in _drain(alice)]}
+    assert replies[real.req] == "sent"
+    assert await users(redis) == {"alice": "n1", "bob": "n2"}
+    await alice.aclose()
