@@ -272,7 +272,7 @@ async def _logon(name: str, settings: Settings) -> None:
     # The heartbeat goes through its own Redis user when the URL names a client user (acl).
     hb_url = acl.heartbeat_url(url)
     hb_redis = None if hb_url is None else connect(hb_url, socket_timeout=timeout, tls=settings.tls)
-    client = Client(redis, settings, name, out=echo, heartbeat_redis=hb_redis)
+    client = Client(redis, settings, name, out=echo, heartbeat_redis=hb_redis, hold_output=True)
     try:
         await client.logon()
         # Ready for `message` and `logoff` before anyone can see `logged-on` and use them.
@@ -283,6 +283,7 @@ async def _logon(name: str, settings: Settings) -> None:
             # see `logged-on` and react to it).
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.leave()))
         echo(Reply.LOGGED_ON)
+        client.release_output()  # a message that came with the logon prints after it
         reason = await client.finished
     finally:
         await client.close()

@@ -97,6 +97,7 @@ class Client:
         out: Callable[[str], None] = print,
         clock: Callable[[], int] | None = None,
         heartbeat_redis: Redis | None = None,
+        hold_output: bool = False,
     ) -> None:
         self.redis = redis
         # The heartbeat may go through a Redis user of its own (one that can refresh
@@ -107,6 +108,9 @@ class Client:
         self.node = validate_node(settings.node)
         self.keys = Keys(settings.prefix)
         self.out = out
+        # Lines that came before whoever prints `logged-on` has printed it (a message may be
+        # applied right after the logon, before its reply is even read): release_output().
+        self._held: list[str] | None = [] if hold_output else None
         self.clock = clock
         self.sid = secrets.token_hex(16)  # names the session in requests; no secret
         # The session's secret: it signs every request and names the inbox and heartbeat key,
@@ -220,6 +224,12 @@ class Client:
         self._alive_since = time.monotonic()  # the logon made the heartbeat key
         self._serving = True
         self._spawn(self._heartbeat(), "heartbeat")
+
+    def release_output(self) -> None:
+        """Print what was held (hold_output=True) and everything from now on as it comes."""
+        held, self._held = self._held, None
+        for line in held or ():
+            self.out(line)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str, *, forever: bool = True) -> None:
         """Run a background task whose end, unless the client is stopping, stops the client:
@@ -501,7 +511,11 @@ class Client:
             if fut is not None and not fut.done():
                 fut.set_result(event.reply)
         elif isinstance(event, MessageEvent):
-            self.out(format_message(event.sender, event.text))
+            line = format_message(event.sender, event.text)
+            if self._held is None:
+                self.out(line)
+            else:
+                self._held.append(line)
         elif isinstance(event, StoppingEvent):
             self.stop(NoConnection("the server stopped"))
 

@@ -486,3 +486,31 @@ async def test_a_message_that_arrives_while_reconnecting_is_not_thrown_away(
     await asyncio.wait_for(_until(_async(lambda: bob.lines)), 3)
     assert bob.lines == ["Message from alice: meanwhile"]
     assert not bob.client.finished.done()
+
+
+async def test_a_message_that_comes_with_the_logon_prints_after_logged_on(
+    coordinator: Coordinator, server: fakeredis.FakeServer, tmp_path: Path
+) -> None:
+    """A message may be applied right after the receiver's logon, before the client has read
+    its reply: `messenger logon` must still print `logged-on` first."""
+    lines: list[str] = []
+    bob = Client(
+        redis_of(server), settings(tmp_path, "n2"), "bob", out=lines.append, hold_output=True
+    )
+    alice = Client(redis_of(server), settings(tmp_path, "n1"), "alice", out=lines.append)
+    try:
+        await alice.logon()
+        await bob.logon()
+        assert await alice.send("bob", "early") == Reply.SENT
+        await asyncio.wait_for(_until(_async(lambda: bob._held)), 2)  # read, and held
+        assert lines == []
+        lines.append("logged-on")
+        bob.release_output()
+        assert lines == ["logged-on", "Message from alice: early"]
+        assert await alice.send("bob", "later") == Reply.SENT
+        await asyncio.wait_for(_until(_async(lambda: len(lines) == 3)), 2)
+        assert lines[-1] == "Message from alice: later"
+    finally:
+        for c in (alice, bob):
+            c.stop(None)
+            await c.close()
