@@ -212,7 +212,6 @@ class Coordinator:
         self.active = False  # holds the lease, as far as it knows
         self._reached_redis = False  # Redis answered since the last failure (see run)
         self._outage_began: float | None = None  # when Redis went away, until given back
-        self.activations = 0  # how many times it became the active coordinator
         self._primary_check: asyncio.Task[PrimaryMoved | None] | None = None
 
     def _now(self) -> int | None:
@@ -561,7 +560,6 @@ class Coordinator:
         if not await self.acquire_lease(stop):
             return
         self.active = True
-        self.activations += 1
         await self._provision()
         await self._give_outage_back()
         # Redis may have restarted since the last activation: no inbox counts as seen.

@@ -343,6 +343,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _rows(flat: Sequence[Any], width: int) -> list[list[str]]:
+    """A script's flat reply {a1, b1, a2, b2, ...} cut into rows of `width` strings."""
+    items = [_text(v) for v in flat]
+    return [items[i : i + width] for i in range(0, len(items), width)]
+
+
 async def _run(script: AsyncScript, keys: list[str], args: list[str]) -> Any:
     try:
         return await script(keys=keys, args=args)
@@ -386,6 +392,11 @@ class Scripts:
         self._lease_hold = redis.register_script(_LEASE_HOLD)
         self._lease_release = redis.register_script(_LEASE_RELEASE)
 
+    def _indexes(self) -> list[str]:
+        """The KEYS of the scripts that remove sessions (sweep, crashed)."""
+        k = self.keys
+        return [k.lease, k.sessions, k.names, k.nodes, k.users, k.deadlines]
+
     @staticmethod
     def _now(now: int | None) -> str:
         return "" if now is None else str(now)
@@ -425,26 +436,6 @@ class Scripts:
         else:
             script = self._logoff
         return script, keys, args
-
-    async def request(
-        self,
-        coordinator: str,
-        r: Request,
-        *,
-        reply_to: str,
-        timeout_ms: int,
-        skew_ms: int,
-        ttl_ms: int,
-        now: int | None = None,
-    ) -> str:
-        """Apply one request (logon, message-to or logoff); return the reply word or `expired`.
-
-        `reply_to` is the sender's inbox channel. `timeout_ms` is how old the request may be
-        and still be applied; `skew_ms` how far in the future its time may be.
-        """
-        job = Job(r, reply_to, timeout_ms, skew_ms, ttl_ms)
-        script, keys, args = self._request_call(coordinator, job, now)
-        return _text(await _run(script, keys, args))
 
     async def requests(
         self, coordinator: str, jobs: Sequence[Job], now: int | None = None
@@ -486,7 +477,7 @@ class Scripts:
             Sequence[Any],
             await _run(
                 self._sweep,
-                keys=[k.lease, k.sessions, k.names, k.nodes, k.users, k.deadlines],
+                keys=self._indexes(),
                 args=[
                     coordinator,
                     self._now(now),
@@ -497,8 +488,7 @@ class Scripts:
                 ],
             ),
         )
-        items = [_text(v) for v in flat]
-        return [(items[i], items[i + 1], items[i + 2]) for i in range(0, len(items), 3)]
+        return [(sid, name, node) for sid, name, node in _rows(flat, 3)]
 
     async def crashed(
         self, coordinator: str, suspects: Sequence[tuple[str, str]]
@@ -510,7 +500,7 @@ class Scripts:
             Sequence[Any],
             await _run(
                 self._crashed,
-                keys=[k.lease, k.sessions, k.names, k.nodes, k.users, k.deadlines],
+                keys=self._indexes(),
                 args=[
                     coordinator,
                     k.gone_prefix,
@@ -519,10 +509,7 @@ class Scripts:
                 ],
             ),
         )
-        items = [_text(v) for v in flat]
-        return [
-            (items[i], items[i + 1], items[i + 2], items[i + 3]) for i in range(0, len(items), 4)
-        ]
+        return [(sid, what, name, node) for sid, what, name, node in _rows(flat, 4)]
 
     async def grant(self, coordinator: str, hb_keys: Sequence[str], ms: int) -> int:
         """Give every heartbeat key still alive `ms` more (see _GRANT)."""
