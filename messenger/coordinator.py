@@ -200,6 +200,8 @@ class Coordinator:
         self._said_no_password = False
         self._known: dict[str, _Credentials] = {}  # sid -> credentials, a cache of Redis
         self._refusals: list[tuple[str, str]] = []  # (inbox, rate-limited reply) to publish
+        # The entries in flight, as the last batch script left them; None: not known (read them).
+        self._taken: list[str] | None = None
         self.dropped = DropCounter()
         # The limiter's time is the fake clock's in tests, else this host's monotonic one:
         # a refusal depends only on how fast this coordinator sees a session's requests.
@@ -353,15 +355,6 @@ class Coordinator:
             return None
         return (await self._apply_batch([signed]))[0]
 
-    async def _send_refusals(self) -> None:
-        """Publish the `rate-limited` replies of the batch, all in one round trip."""
-        refusals, self._refusals = self._refusals, []
-        if refusals:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for inbox, refused in refusals:
-                    pipe.publish(inbox, refused)
-                await pipe.execute()
-
     def _decode(self, entry: str) -> SignedRequest | None:
         try:
             return decode_request(entry, self.settings.max_message_bytes)
@@ -373,13 +366,16 @@ class Coordinator:
             log.exception("dropped a request its decoder failed on")
         return None
 
-    async def _apply_batch(self, batch: list[SignedRequest]) -> list[str | None]:
+    async def _apply_batch(
+        self, batch: list[SignedRequest], *, trim: int = 0, take: bool = False
+    ) -> list[str | None]:
         """Verify, limit and apply a batch of decoded requests, in order; the reply word of
-        each, or None for one that was dropped.
+        each, or None for one that was dropped. With `trim`, the first `trim` entries in flight
+        (the ones the batch came from) are forgotten in the same step; with `take`, the next
+        batch is taken too (into self._taken).
 
-        Every request that passes is applied in one round trip for the whole batch (a pipeline
-        of scripts, run in order), not one awaited script a request: that round trip, not
-        Redis, is what a coordinator's rate is made of."""
+        The whole batch is one script, one round trip (Scripts.batch), not one awaited script
+        a request: that round trip, not Redis, is what a coordinator's rate is made of."""
         credentials = await self._look_up([signed.request for signed in batch])
         replies: list[str | None] = [None] * len(batch)
         jobs: list[tuple[int, Request, _Credentials]] = []
@@ -411,19 +407,30 @@ class Coordinator:
                 replies[i] = Reply.RATE_LIMITED
                 continue
             jobs.append((i, r, known))
-        try:
-            if jobs:
-                results = await self.scripts.requests(
-                    self.id, [self._job(r, known.inbox) for _, r, known in jobs], now=self._now()
-                )
-                for (i, r, known), result in zip(jobs, results, strict=True):
-                    replies[i] = self._applied(r, known, result)
-                await self._after_changes(
-                    [r for (i, r, _) in jobs if replies[i] in (Reply.LOGGED_ON, Reply.LOGGED_OFF)],
-                    [replies[i] for (i, _, _) in jobs],
-                )
-        finally:
-            await self._send_refusals()
+        refusals, self._refusals = self._refusals, []
+        if not (jobs or refusals or trim or take):
+            return replies
+        longest = max_entry_bytes(self.settings.max_message_bytes)
+        done = await self.scripts.batch(
+            self.id,
+            [self._job(r, known.inbox) for _, r, known in jobs],
+            refusals=refusals,
+            trim=trim,
+            most=_BATCH if take else 0,
+            budget=max(_BATCH_BYTES, longest),
+            longest=longest,
+            alive=self._alive(),
+            now=self._now(),
+        )
+        if take:
+            self._taken = done.entries
+            for _ in range(done.dropped):
+                self.dropped.note("longer than any request")
+        for (i, r, known), result in zip(jobs, done.replies, strict=True):
+            replies[i] = self._applied(r, known, result)
+        changed = [r for (i, r, _) in jobs if replies[i] in (Reply.LOGGED_ON, Reply.LOGGED_OFF)]
+        if changed:
+            await self._after_changes(changed)
         return replies
 
     def _job(self, r: Request, reply_to: str) -> Job:
@@ -449,13 +456,10 @@ class Coordinator:
             self.crashes.discard(r.sid)
         return result
 
-    async def _after_changes(self, changed: list[Request], replies: list[str | None]) -> None:
-        """After a batch's logons and logoffs: a tick, so that new clients learn at once how
-        long they may go without one, and the seed's `list is now` once for the batch."""
-        if not changed:
-            return
-        if Reply.LOGGED_ON in replies:
-            await self.redis.publish(self.keys.control, self._alive())
+    async def _after_changes(self, changed: list[Request]) -> None:
+        """After a batch's logons and logoffs, the seed's `list is now` once for the batch (the
+        batch script has ticked already if someone logged on, so that new clients learn at once
+        how long they may go without a tick)."""
         why = [
             f"logon {r.name}@{r.node}" if r.kind == "logon" else f"logoff {r.sid[:8]}"
             for r in changed
@@ -527,36 +531,40 @@ class Coordinator:
     async def serve_batch(self) -> bool:
         """Apply the next batch of requests; False if there was nothing to do.
 
-        The batch stays in flight (in Redis) until it is applied, so a coordinator that dies
-        halfway leaves it to the next, and `done` keys make the replay a no-op.
+        The batch stays in flight (in Redis) until it is applied: the script that applies it
+        forgets it in the same step, and takes the next one, so a busy coordinator needs one
+        round trip a batch, and one that dies halfway leaves its batch to the next (`done` keys
+        make a replay a no-op). What is in flight is known here (self._taken) only while this
+        coordinator serves without a failure; otherwise it is read from Redis first.
         """
-        longest = max_entry_bytes(self.settings.max_message_bytes)
-        dropped, entries = await self.scripts.take(
-            self.id, most=_BATCH, budget=max(_BATCH_BYTES, longest), longest=longest
-        )
-        for _ in range(dropped):
-            self.dropped.note("longer than any request")
-        # Garbage is dropped here, before any round trip; the rest costs three for the batch:
-        # the look-up of its sessions, its scripts, and the refusals (if any).
+        if self._taken is None:
+            await self._apply_batch([], take=True)
+        entries = self._taken
+        assert entries is not None  # taken just now, or known
+        if not entries:
+            return False
+        # Garbage is dropped here, before any round trip; the rest is one script for the batch
+        # (and one look-up of the sessions this coordinator does not know yet, if any).
         batch = [signed for signed in map(self._decode, entries) if signed is not None]
+        self._taken = None  # unknown until the script below says what is in flight
         try:
-            await self._apply_batch(batch)
+            await self._apply_batch(batch, trim=len(entries), take=True)
         except (LeaseLost, RedisError):
             raise
         except Exception:
             # Done with all the same: a batch that breaks the coordinator once would break it
             # again on every retry.
             log.exception("dropped a batch of requests after an unexpected error")
-        if entries:
             await self.scripts.finish(self.id, len(entries))
         self.dropped.report()
         self.limited.report()
-        return bool(entries) or dropped > 0
+        return True
 
     # --- the loop ---------------------------------------------------------------------------
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set. Raises LeaseLost or RedisError."""
+        self._taken = None  # another coordinator may have served meanwhile
         if not await self.acquire_lease(stop):
             return
         self.active = True
@@ -631,6 +639,13 @@ class Coordinator:
             block,  # type: ignore[arg-type]  # Redis takes seconds with decimals
         )
         waited = time.monotonic() - started
+        longest = max_entry_bytes(self.settings.max_message_bytes)
+        if moved is not None and self._taken == [] and len(moved) <= longest:
+            # Now in flight alone (nothing else was): the next batch starts with it, without a
+            # round trip to take it. (One too long is left to the batch script to drop.)
+            self._taken = [cast(str, moved)]
+        elif moved is not None:
+            self._taken = None  # read from Redis again
         if moved is None and waited < block / 2:
             # A Redis (or a stand-in: fakeredis, a proxy) that does not block must not make
             # this loop spin.

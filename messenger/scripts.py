@@ -15,6 +15,7 @@ what was applied. Only the coordinator runs these: clients have no right to EVAL
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -79,37 +80,34 @@ local function remove_session(sessions, names, nodes, users, deadlines, sid, gon
 end
 """
 
-_REQUEST_HEAD = """
+# KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines, [7] requests,
+# [8] inflight, then the `done` key of each request, in order.
+# ARGV[1] coordinator id, [2] now ms or '', [3] gone-key prefix, [4] gone ttl ms, [5] max ms in
+# the future, [6] entries to trim from inflight, [7] most entries to take, [8] most bytes to take,
+# [9] longest entry, [10] control channel, [11] alive event, [12] requests n, [13] refusals m;
+# then m pairs (inbox, refusal event) and the n requests, each: kind ('L', 'M' or 'O'), req id,
+# sent ms, max age ms, reply channel, sid, then the kind's own:
+#   L: name, node, heartbeat ttl ms, key, heartbeat key;  M: to, text as a JSON string;  O: none.
+#
+# One batch of the coordinator's, all in one atomic step: apply its requests in order, publish
+# its refusals, forget (trim) the entries it came from, and take the next batch. So a batch
+# is either applied and forgotten, or not at all (then it stays in flight for the next try), and
+# the coordinator needs one round trip a batch. Returns {n, reply 1..n, dropped, entry...}: each
+# reply is the request's word, `expired`, or `!` and the error it failed with (the others still
+# apply); then how many oversized entries the take dropped, and the next batch's entries.
+_BATCH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
-local done = redis.call('GET', KEYS[2])
-if done then
-  if done ~= 'expired' then
-    redis.call('PUBLISH', ARGV[8], cjson.encode({t='reply', req=ARGV[2], r=done}))
-  end
-  return done
-end
-local now = now_ms(ARGV[7])
-local age = now - tonumber(ARGV[3])
-if age > tonumber(ARGV[4]) or -age > tonumber(ARGV[5]) then
-  redis.call('SET', KEYS[2], 'expired', 'PX', ARGV[6])
-  return 'expired'
-end
-local gone, gone_ttl = ARGV[9], tonumber(ARGV[10])
-local reply
-"""
+local S, NAMES, NODES, USERS, DEADLINES = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local now = now_ms(ARGV[2])
+local gone, gone_ttl, skew = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 
-_REQUEST_TAIL = """
-redis.call('SET', KEYS[2], reply, 'PX', ARGV[6])
-redis.call('PUBLISH', ARGV[8], cjson.encode({t='reply', req=ARGV[2], r=reply}))
-return reply
-"""
+-- Built by hand, not by cjson: req ids are hex and replies are fixed words (protocol.py).
+local function reply_event(req, word)
+  return '{"t":"reply","req":"' .. req .. '","r":"' .. word .. '"}'
+end
 
-# ARGV[11] sid, [12] name, [13] node, [14] heartbeat ttl ms, [15] key, [16] inbox channel,
-# [17] heartbeat key
-_LOGON = """
-local sid, name, node, ttl = ARGV[11], ARGV[12], ARGV[13], tonumber(ARGV[14])
 -- A session whose client holds no subscription on its inbox any more is dead for good: Redis
 -- drops a closed connection's subscriptions at once, and clients never resubscribe. Clearing it
 -- here (not only at its deadline) lets a node or name whose client crashed log on again at once,
@@ -117,57 +115,133 @@ local sid, name, node, ttl = ARGV[11], ARGV[12], ARGV[13], tonumber(ARGV[14])
 -- An index entry whose session is gone is stale: the new session's entries overwrite it.
 local function taken(owner)
   if not owner then return false end
-  local raw = redis.call('HGET', KEYS[3], owner)
+  local raw = redis.call('HGET', S, owner)
   if not raw then return false end
   local inbox = record(raw).inbox
   if inbox and redis.call('PUBSUB', 'NUMSUB', inbox)[2] > 0 then return true end
-  remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], owner, gone, gone_ttl)
+  remove_session(S, NAMES, NODES, USERS, DEADLINES, owner, gone, gone_ttl)
   return false
 end
-if redis.call('HEXISTS', KEYS[3], sid) == 1 or taken(redis.call('HGET', KEYS[5], node)) then
-  reply = 'already-logged-on'
-elseif taken(redis.call('HGET', KEYS[4], name)) then
-  reply = 'user-exists-at-other-node'
-else
-  redis.call('HSET', KEYS[3], sid, cjson.encode({name=name, node=node, since=now,
-                                                 key=ARGV[15], inbox=ARGV[16], hb=ARGV[17]}))
-  redis.call('HSET', KEYS[4], name, sid)
-  redis.call('HSET', KEYS[5], node, sid)
-  redis.call('HSET', KEYS[6], name, cjson.encode({node=node, since=now}))
-  redis.call('ZADD', KEYS[7], now + ttl, deadline_member(sid, ARGV[17]))
-  redis.call('SET', ARGV[17], '1', 'PX', ttl)
-  reply = 'logged-on'
-end
-"""
 
-# ARGV[11] sid, [12] to, [13] text
-_MESSAGE = """
-local raw = redis.call('HGET', KEYS[3], ARGV[11])
-if not raw then
-  reply = 'you-are-not-logged-on'
-else
-  local to_sid = redis.call('HGET', KEYS[4], ARGV[12])
-  local to_raw = to_sid and redis.call('HGET', KEYS[3], to_sid)
+local function logon(sid, name, node, ttl, key, inbox, hb)
+  if redis.call('HEXISTS', S, sid) == 1 or taken(redis.call('HGET', NODES, node)) then
+    return 'already-logged-on'
+  elseif taken(redis.call('HGET', NAMES, name)) then
+    return 'user-exists-at-other-node'
+  end
+  redis.call('HSET', S, sid, cjson.encode({name=name, node=node, since=now,
+                                            key=key, inbox=inbox, hb=hb}))
+  redis.call('HSET', NAMES, name, sid)
+  redis.call('HSET', NODES, node, sid)
+  redis.call('HSET', USERS, name, cjson.encode({node=node, since=now}))
+  redis.call('ZADD', DEADLINES, now + ttl, deadline_member(sid, hb))
+  redis.call('SET', hb, '1', 'PX', ttl)
+  return 'logged-on'
+end
+
+local function message(sid, to, text_json)
+  local raw = redis.call('HGET', S, sid)
+  if not raw then return 'you-are-not-logged-on' end
+  local to_sid = redis.call('HGET', NAMES, to)
+  local to_raw = to_sid and redis.call('HGET', S, to_sid)
   local inbox = to_raw and record(to_raw).inbox
-  if not inbox then
-    reply = 'receiver-not-found'
+  if not inbox then return 'receiver-not-found' end
+  local from = record(raw).name
+  -- A name is letters, digits and `_.-` (protocol.NAME_RULE), so it needs no JSON escaping;
+  -- one that is not (a corrupt record) is not quoted.
+  if not from or not string.match(from, '^[%w_.-]+$') then from = '?' end
+  local event = '{"t":"msg","from":"' .. from .. '","text":' .. text_json .. '}'
+  local n = redis.call('PUBLISH', inbox, event)
+  -- PUBLISH counts the subscribers that got it: 0 means the receiver's client is gone,
+  -- and a message that reached nobody is never reported sent.
+  if n > 0 then return 'sent' end
+  return 'receiver-not-found'
+end
+
+local function logoff(sid)
+  if remove_session(S, NAMES, NODES, USERS, DEADLINES, sid, gone, gone_ttl) then
+    return 'logged-off'
+  end
+  return 'not-logged-on'
+end
+
+-- One request, applied at most once (its `done` key remembers the reply), and only while its
+-- sender still waits for it and if it does not claim to come from the future.
+local function apply(done_key, at)
+  local kind, req, reply_to = ARGV[at], ARGV[at + 1], ARGV[at + 4]
+  local done = redis.call('GET', done_key)
+  if done then
+    if done ~= 'expired' then redis.call('PUBLISH', reply_to, reply_event(req, done)) end
+    return done
+  end
+  local max_age = tonumber(ARGV[at + 3])
+  local done_ttl = 2 * max_age + 1000
+  local age = now - tonumber(ARGV[at + 2])
+  if age > max_age or -age > skew then
+    redis.call('SET', done_key, 'expired', 'PX', done_ttl)
+    return 'expired'
+  end
+  local sid, reply = ARGV[at + 5], nil
+  if kind == 'L' then
+    reply = logon(sid, ARGV[at + 6], ARGV[at + 7], tonumber(ARGV[at + 8]), ARGV[at + 9],
+                  reply_to, ARGV[at + 10])
+  elseif kind == 'M' then
+    reply = message(sid, ARGV[at + 6], ARGV[at + 7])
   else
-    local n = redis.call('PUBLISH', inbox,
-                         cjson.encode({t='msg', from=record(raw).name or '?', text=ARGV[13]}))
-    -- PUBLISH counts the subscribers that got it: 0 means the receiver's client is gone,
-    -- and a message that reached nobody is never reported sent.
-    if n > 0 then reply = 'sent' else reply = 'receiver-not-found' end
+    reply = logoff(sid)
+  end
+  redis.call('SET', done_key, reply, 'PX', done_ttl)
+  redis.call('PUBLISH', reply_to, reply_event(req, reply))
+  return reply
+end
+
+local n, m = tonumber(ARGV[12]), tonumber(ARGV[13])
+local out, at, logged_on = {n}, 14 + 2 * m, false
+local width = {L = 11, M = 8, O = 6}
+for r = 1, n do
+  local ok, reply = pcall(apply, KEYS[8 + r], at)
+  if not ok then
+    reply = '!' .. tostring(type(reply) == 'table' and reply.err or reply)
+  elseif reply == 'logged-on' then
+    logged_on = true
+  end
+  table.insert(out, reply)
+  at = at + (width[ARGV[at]] or 6)
+end
+for i = 14, 13 + 2 * m, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+-- A tick, so that new clients learn at once how long they may go without one.
+if logged_on and ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[10], ARGV[11]) end
+
+local trim = tonumber(ARGV[6])
+if trim > 0 then redis.call('LTRIM', KEYS[8], trim, -1) end
+
+-- The next batch: what is in flight already (left by a coordinator that died, or moved in by
+-- BLMOVE, the coordinator's wait for work, unchecked), then entries moved from the queue.
+-- Bounded by count and bytes, and an entry longer than any valid request is dropped here,
+-- unread by the coordinator.
+local most, budget, longest = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local dropped_at, dropped, seen, entries = #out + 1, 0, 0, 0
+table.insert(out, 0)
+if most > 0 then
+  for i, e in ipairs(redis.call('LRANGE', KEYS[8], 0, most - 1)) do
+    if #e > longest then
+      redis.call('LSET', KEYS[8], i - 1, ''); e = ''; dropped = dropped + 1
+    end
+    table.insert(out, e); seen = seen + #e; entries = entries + 1
+  end
+  while entries < most and seen < budget do
+    local e = redis.call('LPOP', KEYS[7])
+    if not e then break end
+    seen = seen + #e
+    if #e > longest then
+      dropped = dropped + 1
+    else
+      redis.call('RPUSH', KEYS[8], e); table.insert(out, e); entries = entries + 1
+    end
   end
 end
-"""
-
-# ARGV[11] sid
-_LOGOFF = """
-if remove_session(KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[11], gone, gone_ttl) then
-  reply = 'logged-off'
-else
-  reply = 'not-logged-on'
-end
+out[dropped_at] = dropped
+return out
 """
 
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
@@ -260,47 +334,6 @@ end
 return n
 """
 
-# KEYS[1] lease, [2] requests, [3] inflight
-# ARGV[1] coordinator id, [2] most entries, [3] most bytes, [4] longest entry
-# The next batch: what is in flight already (left by a coordinator that died, or being
-# retried), then entries moved from the queue. Bounded by count and bytes, and an entry longer
-# than any valid request is dropped here, unread by the coordinator. Returns {dropped, ...}.
-_TAKE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
-end
-local most, budget, longest = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local out, dropped, seen = {0}, 0, 0
-for i, e in ipairs(redis.call('LRANGE', KEYS[3], 0, most - 1)) do
-  -- BLMOVE (the coordinator's wait for work) moves one entry in unchecked
-  if #e > longest then
-    redis.call('LSET', KEYS[3], i - 1, ''); e = ''; dropped = dropped + 1
-  end
-  table.insert(out, e); seen = seen + #e
-end
-while #out <= most and seen < budget do
-  local e = redis.call('LPOP', KEYS[2])
-  if not e then break end
-  seen = seen + #e
-  if #e > longest then
-    dropped = dropped + 1
-  else
-    redis.call('RPUSH', KEYS[3], e); table.insert(out, e)
-  end
-end
-out[1] = dropped
-return out
-"""
-
-# KEYS[1] lease, [2] inflight; ARGV[1] coordinator id, [2] how many were applied
-_FINISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
-end
-redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
-return 1
-"""
-
 # KEYS[1] lease, [2] control channel, [3] coordinators
 # ARGV[1] coordinator id, [2] ttl ms, [3] alive event.
 # Every coordinator, active or standby, says here that it is alive until now + ttl. Then it takes
@@ -358,6 +391,19 @@ async def _run(script: AsyncScript, keys: list[str], args: list[str]) -> Any:
         raise
 
 
+_KIND_CODES = {"logon": "L", "message-to": "M", "logoff": "O"}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one batch script did: the reply of each request (its word, `expired`, or the error
+    it failed with), and the next batch taken: its entries, and how many were dropped."""
+
+    replies: list[str | ResponseError]
+    dropped: int
+    entries: list[str]
+
+
 @dataclass(frozen=True)
 class Job:
     """One request to apply: where its reply goes, how old it may be (`timeout_ms`) and how far
@@ -378,17 +424,10 @@ class Scripts:
         self.keys = keys
         self.gone_ttl_ms = gone_ttl_ms
 
-        def frame(body: str) -> str:
-            return _PRELUDE + _REQUEST_HEAD + body + _REQUEST_TAIL
-
-        self._logon = redis.register_script(frame(_LOGON))
-        self._message = redis.register_script(frame(_MESSAGE))
-        self._logoff = redis.register_script(frame(_LOGOFF))
+        self._batch = redis.register_script(_PRELUDE + _BATCH)
         self._sweep = redis.register_script(_PRELUDE + _SWEEP)
         self._crashed = redis.register_script(_PRELUDE + _CRASHED)
         self._grant = redis.register_script(_GRANT)
-        self._take = redis.register_script(_TAKE)
-        self._finish = redis.register_script(_FINISH)
         self._lease_hold = redis.register_script(_LEASE_HOLD)
         self._lease_release = redis.register_script(_LEASE_RELEASE)
 
@@ -401,73 +440,87 @@ class Scripts:
     def _now(now: int | None) -> str:
         return "" if now is None else str(now)
 
-    def _request_call(
-        self, coordinator: str, job: Job, now: int | None
-    ) -> tuple[AsyncScript, list[str], list[str]]:
-        """The script, keys and arguments that apply one request."""
-        k, r = self.keys, job.request
-        keys = [k.lease, k.done(r.req), k.sessions, k.names, k.nodes, k.users, k.deadlines]
+    def _request_args(self, job: Job) -> list[str]:
+        """One request's arguments in a batch (see _BATCH)."""
+        r = job.request
         args = [
-            coordinator,
+            _KIND_CODES[r.kind],
             r.req,
             str(r.sent_ms),
             str(job.timeout_ms),
-            str(job.skew_ms),
-            str(2 * job.timeout_ms + 1000),
-            self._now(now),
             job.reply_to,
-            k.gone_prefix,
-            str(self.gone_ttl_ms),
             r.sid,
         ]
         if r.kind == "logon":
-            script = self._logon
-            args += [
-                r.name,
-                r.node,
-                str(job.ttl_ms),
-                r.key,
-                job.reply_to,
-                k.hb(heartbeat_id(r.key)),
-            ]
+            args += [r.name, r.node, str(job.ttl_ms), r.key, self.keys.hb(heartbeat_id(r.key))]
         elif r.kind == "message-to":
-            script = self._message
-            args += [r.to, r.text]
-        else:
-            script = self._logoff
-        return script, keys, args
+            # The script puts it in the message event as it is: JSON-encoded here, once.
+            args += [r.to, json.dumps(r.text, ensure_ascii=False)]
+        return args
+
+    async def batch(
+        self,
+        coordinator: str,
+        jobs: Sequence[Job] = (),
+        *,
+        refusals: Sequence[tuple[str, str]] = (),
+        trim: int = 0,
+        most: int = 0,
+        budget: int = 0,
+        longest: int = 0,
+        alive: str = "",
+        now: int | None = None,
+    ) -> Batch:
+        """One round trip (see _BATCH): publish `refusals` (inbox, event), apply `jobs` in
+        order, forget the first `trim` entries in flight, then take up to `most` entries (and
+        `budget` bytes) as the next batch. Raises LeaseLost if this coordinator does not hold
+        the lease: then nothing was done (the script checks it first)."""
+        k = self.keys
+        keys = [k.lease, k.sessions, k.names, k.nodes, k.users, k.deadlines, k.requests]
+        keys += [k.inflight, *(k.done(job.request.req) for job in jobs)]
+        args = [
+            coordinator,
+            self._now(now),
+            k.gone_prefix,
+            str(self.gone_ttl_ms),
+            str(jobs[0].skew_ms if jobs else 0),
+            str(trim),
+            str(most),
+            str(budget),
+            str(longest),
+            k.control,
+            alive,
+            str(len(jobs)),
+            str(len(refusals)),
+            *(item for pair in refusals for item in pair),
+        ]
+        for job in jobs:
+            args += self._request_args(job)
+        command = ["EVALSHA", self._batch.sha, str(len(keys)), *keys, *args]
+        # Packed by hiredis (messenger/wire.py): a batch is hundreds of arguments.
+        (flat,) = await wire.pipeline(self._redis, [command])
+        if isinstance(flat, NoScriptError):
+            # A Redis that restarted or failed over has an empty script cache (and a fresh one
+            # before the first use). Nothing ran: the same batch is sent again.
+            await self._redis.script_load(self._batch.script)
+            (flat,) = await wire.pipeline(self._redis, [command])
+        if isinstance(flat, ResponseError):
+            if str(flat).startswith("NOTLEADER"):
+                raise LeaseLost("this coordinator no longer holds the lease")
+            raise flat
+        items = [_text(v) for v in cast(Sequence[Any], flat)]
+        n = int(items[0])
+        replies: list[str | ResponseError] = [
+            ResponseError(word[1:]) if word.startswith("!") else word for word in items[1 : n + 1]
+        ]
+        return Batch(replies, int(items[n + 1]), items[n + 2 :])
 
     async def requests(
         self, coordinator: str, jobs: Sequence[Job], now: int | None = None
     ) -> list[str | ResponseError]:
-        """Apply many requests in order, in one round trip (a pipeline of EVALSHAs): the reply
-        word (or `expired`) of each, or the error it failed with. Raises LeaseLost if this
-        coordinator does not hold the lease (then none was applied: each script checks it)."""
-        calls = [self._request_call(coordinator, job, now) for job in jobs]
-        commands = [
-            ["EVALSHA", script.sha, str(len(keys)), *keys, *args] for script, keys, args in calls
-        ]
-        for attempt in (1, 2):
-            results = await wire.pipeline(self._redis, commands)
-            if attempt == 1 and any(isinstance(res, NoScriptError) for res in results):
-                # A Redis that restarted or failed over has an empty script cache (and a
-                # fresh one before the first use). The requests whose script did run are
-                # replays the second time: their `done` keys make them no-ops.
-                for script in {id(c[0]): c[0] for c in calls}.values():
-                    await self._redis.script_load(script.script)
-                continue
-            break
-        out: list[str | ResponseError] = []
-        for res in results:
-            if isinstance(res, ResponseError):
-                if str(res).startswith("NOTLEADER"):
-                    raise LeaseLost("this coordinator no longer holds the lease")
-                out.append(res)
-            elif isinstance(res, Exception):
-                raise res  # a lost connection: the batch stays in flight for the next try
-            else:
-                out.append(_text(res))
-        return out
+        """Apply `jobs` in order in one round trip, the queue and the batch in flight untouched:
+        the reply word (or `expired`) of each, or the error it failed with."""
+        return (await self.batch(coordinator, jobs, now=now)).replies
 
     async def sweep(
         self, coordinator: str, limit: int = 1000, now: int | None = None
@@ -520,21 +573,12 @@ class Scripts:
         self, coordinator: str, *, most: int, budget: int, longest: int
     ) -> tuple[int, list[str]]:
         """The next batch of request entries, and how many oversized ones were dropped."""
-        k = self.keys
-        flat = cast(
-            Sequence[Any],
-            await _run(
-                self._take,
-                keys=[k.lease, k.requests, k.inflight],
-                args=[coordinator, str(most), str(budget), str(longest)],
-            ),
-        )
-        return int(flat[0]), [_text(v) for v in flat[1:]]
+        got = await self.batch(coordinator, most=most, budget=budget, longest=longest)
+        return got.dropped, got.entries
 
     async def finish(self, coordinator: str, applied: int) -> None:
         """Forget the first `applied` entries in flight: they are done."""
-        k = self.keys
-        await _run(self._finish, keys=[k.lease, k.inflight], args=[coordinator, str(applied)])
+        await self.batch(coordinator, trim=applied)
 
     async def lease_hold(self, coordinator: str, ttl_ms: int, alive: str) -> bool:
         """Say this coordinator is alive; take or renew the lease (and tick). False if another

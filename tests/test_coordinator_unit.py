@@ -31,6 +31,7 @@ from messenger.protocol import (
     inbox_id,
     new_session_key,
 )
+from messenger.ratelimit import RateLimiter
 from messenger.settings import Settings
 
 T0 = 1_000_000_000_000
@@ -1100,12 +1101,24 @@ async def test_a_batch_is_applied_in_one_round_trip_in_order(
     monkeypatch.setattr(redis, "execute_command", counted)
     monkeypatch.setattr(wire, "pipeline", counted_pipeline)
     assert await coord.serve_batch()
-    # take and finish alone (each loaded on its first use), not one per request (32).
-    assert alone["EVALSHA"] <= 4, alone
-    assert pipelines[0] == 1  # the request scripts (no refusals to send)
+    # Nothing known in flight yet: one script takes the batch, one applies it (and forgets it,
+    # and takes the next) — not one script a request (32), nor a take and a finish beside.
+    assert alone["EVALSHA"] == 0, alone
+    assert pipelines[0] == 2
     got = [json.loads(m) async for m in _drain(bob)]
     assert [m["text"] for m in got if m["t"] == "msg"] == ["w", *texts]  # in order, not the last
     assert await users(redis) == {"bob": "n2"}
+    assert await redis.llen(Keys("u").inflight) == 0
+    # Idle, it knows that nothing is in flight: a request is waited for (BLMOVE, which moves it
+    # into flight and returns it), then applied in one round trip.
+    await redis.rpush(Keys("u").requests, entry(Request("logoff", sid(), b), clock.now))
+    assert await coord.serve_batch() is False
+    await coord._wait_for_requests(0.01)
+    pipelines[0] = 0
+    assert await coord.serve_batch()
+    assert pipelines[0] == 1
+    assert await users(redis) == {}
+    assert await redis.llen(Keys("u").inflight) == 0
     await bob.aclose()
 
 
@@ -1130,4 +1143,33 @@ async def test_a_logon_in_a_batch_never_replaces_a_live_sessions_key(
     replies = {m["req"]: m["r"] for m in [json.loads(x) async for x in _drain(alice)]}
     assert replies[real.req] == "sent"
     assert await users(redis) == {"alice": "n1", "bob": "n2"}
+    await alice.aclose()
+
+
+async def test_a_busy_coordinator_needs_one_round_trip_a_batch(
+    coord: Coordinator, clock: FakeClock, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script that applies a batch takes the next one: 250 queued requests (three batches)
+    cost four scripts from a cold start (the first take, then one a batch), every reply once."""
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await logon(coord, clock, "bob", "n2")
+    coord.limiter = RateLimiter(1e9, 1e9)  # a queue of one sender's requests, none refused
+    alice = redis.pubsub()
+    await alice.subscribe(inbox_of(a))
+    requests = [Request("message-to", sid(), a, to="bob", text=f"t{i}") for i in range(250)]
+    await redis.rpush(Keys("u").requests, *(entry(r, clock.now) for r in requests))
+    calls, pipeline = [0], wire.pipeline
+
+    def counted_pipeline(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(wire, "pipeline", counted_pipeline)
+    while await coord.serve_batch():
+        pass
+    assert calls[0] == 4
+    replies = [json.loads(m) async for m in _drain(alice)]
+    assert sorted(r["req"] for r in replies) == sorted(r.req for r in requests)
+    assert {r["r"] for r in replies} == {"sent"}
+    assert await redis.llen(Keys("u").requests) == await redis.llen(Keys("u").inflight) == 0
     await alice.aclose()
