@@ -28,10 +28,13 @@ def released_together(
     server.signal(signal.SIGSTOP)
     try:
         racers = [procs.start(*args, **env) for args in starts]
+
         # A coordinator stopped inside its BLMOVE still has the first request moved into
         # flight by Redis, unapplied: queued all the same.
-        queued = lambda: db.llen(keys.requests) + db.llen(keys.inflight)  # noqa: E731
-        wait_until(lambda: queued() >= len(starts), 30, "all requests queued")
+        def queued() -> bool:
+            return int(db.llen(keys.requests)) + int(db.llen(keys.inflight)) >= len(starts)
+
+        wait_until(queued, 30, "all requests queued")
     finally:
         server.signal(signal.SIGCONT)
     return racers
