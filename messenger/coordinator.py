@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -221,14 +222,16 @@ class Coordinator:
 
     # --- lease ------------------------------------------------------------------------------
 
-    def _alive(self) -> str:
+    @functools.cached_property
+    def _alive_event(self) -> str:
         """The tick that tells clients a coordinator is there, and how long they may wait for
         the next sign of one: the next tick comes within a poll, and if this coordinator dies a
-        standby takes over within the lease TTL plus a poll (Settings.coordinator_grace)."""
+        standby takes over within the lease TTL plus a poll (Settings.coordinator_grace).
+        Encoded once: every batch carries it (the script ticks if someone logged on)."""
         return encode_event(AliveEvent(self.id, int(self.settings.coordinator_grace * 1000)))
 
     async def try_acquire_lease(self) -> bool:
-        held = await self.scripts.lease_hold(self.id, self.settings.lease_ttl_ms, self._alive())
+        held = await self.scripts.lease_hold(self.id, self.settings.lease_ttl_ms, self._alive_event)
         self._reached_redis = True  # see run(): Redis answered, so a failure now is an outage
         return held
 
@@ -419,7 +422,7 @@ class Coordinator:
             most=_BATCH if take else 0,
             budget=max(_BATCH_BYTES, longest),
             longest=longest,
-            alive=self._alive(),
+            alive=self._alive_event,
             now=self._now(),
         )
         if take:

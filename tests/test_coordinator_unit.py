@@ -1173,3 +1173,31 @@ async def test_a_busy_coordinator_needs_one_round_trip_a_batch(
     assert {r["r"] for r in replies} == {"sent"}
     assert await redis.llen(Keys("u").requests) == await redis.llen(Keys("u").inflight) == 0
     await alice.aclose()
+
+
+async def test_a_request_that_fails_in_redis_leaves_the_rest_of_its_batch(
+    coord: Coordinator, clock: FakeClock, redis: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One request of a batch failing inside the script (here bob's logon meets a node index of
+    the wrong type) is logged and left unanswered; the batch's other requests still apply."""
+    a, _ = await logon(coord, clock, "alice", "n1")
+    await logon(coord, clock, "carol", "n3")
+    alice = redis.pubsub()
+    await alice.subscribe(inbox_of(a))
+    await redis.delete(Keys("u").nodes)
+    await redis.set(Keys("u").nodes, "not a hash")
+    bob_key = new_session_key()
+    bob = Request("logon", sid(), sid(), name="bob", node="n2", key=bob_key)
+    message = Request("message-to", sid(), a, to="carol", text="hi")
+    await redis.rpush(
+        Keys("u").requests,
+        encode_request(replace(bob, sent_ms=clock.now), bob_key),
+        entry(message, clock.now),
+    )
+    with caplog.at_level(logging.ERROR):
+        assert await coord.serve_batch()
+    assert f"request {bob.req[:8]} (logon) failed in Redis: WRONGTYPE" in caplog.text
+    replies = {m["req"]: m["r"] for m in [json.loads(x) async for x in _drain(alice)]}
+    assert replies == {message.req: "sent"}
+    assert await redis.llen(Keys("u").inflight) == 0  # done with, the failed one too
+    await alice.aclose()
