@@ -85,8 +85,15 @@ def validate_text(text: str, max_bytes: int) -> str:
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
+# Text that is all printable ASCII needs no look at each character (most text: a client prints
+# every message through printable, so this is on the hot path).
+_PLAIN_RE = re.compile(r"[ -~]*")
+
+
 def printable(text: str) -> str:
     """Escape control characters (and bidi overrides) so text can never drive the terminal."""
+    if _PLAIN_RE.fullmatch(text):
+        return text
     out = []
     for ch in text:
         if ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):

@@ -284,3 +284,15 @@ def test_decode_request_never_raises_anything_but_protocol_error(raw: str) -> No
         return
     assert signed.request.kind in ("logon", "message-to", "logoff")
     assert isinstance(signed.verify(KEY), bool)
+
+
+@given(st.text())
+def test_printable_is_the_same_on_its_ascii_fast_path(text: str) -> None:
+    """The fast path (plain ASCII text returned as it is) agrees with the look at each
+    character: what it returns has no control character, and escaping is only ever needed
+    outside printable ASCII."""
+    out = printable(text)
+    assert all(ch == "\\" or " " <= ch <= "~" or ord(ch) > 0x7F for ch in out)
+    if all(" " <= ch <= "~" for ch in text):
+        assert out == text
+    assert printable(out) == out  # escaped text is printable as it is
