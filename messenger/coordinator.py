@@ -24,7 +24,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from messenger import acl
+from messenger import acl, wire
 from messenger.connection import (
     PrimaryMoved,
     close_clients_on,
@@ -636,11 +636,11 @@ class Coordinator:
         """Nothing queued: wait up to `block` seconds for a request, moved straight into flight
         (the next batch starts with it)."""
         started = time.monotonic()
-        moved = await self.redis.blmove(
-            self.keys.requests,
-            self.keys.inflight,
-            block,  # type: ignore[arg-type]  # Redis takes seconds with decimals
-        )
+        # Packed by hiredis (messenger/wire.py): the coordinator's one command per wake-up.
+        command = ["BLMOVE", self.keys.requests, self.keys.inflight, "LEFT", "RIGHT", str(block)]
+        (moved,) = await wire.pipeline(self.redis, [command])
+        if isinstance(moved, ResponseError):
+            raise moved
         waited = time.monotonic() - started
         longest = max_entry_bytes(self.settings.max_message_bytes)
         if moved is not None and self._taken == [] and len(moved) <= longest:
