@@ -39,14 +39,17 @@ from messenger.embedded import EmbeddedRedis
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 # In order: the references first, so a slow scenario later cannot starve them of the machine.
-SCENARIOS = ("raw", "erlang_ref", "channels_ref", "messenger_path", "scale", "faults")
+SCENARIOS = ("raw", "relay_ref", "erlang_ref", "channels_ref", "messenger_path", "scale", "faults")
 # Written by others: run if present, not expected.
 OPTIONAL = frozenset({"erlang_ref", "scale", "faults"})
 # A scenario stuck past this is ended and reported as failed (quick, full).
 TIMEOUTS = (180.0, 3600.0)
 # Comparisons beyond each figure's own `ref`, made where both figures were measured: the
-# messenger against the other systems of the same shape.
-OTHERS = ("erlang", "channels_redis.core", "channels_redis.pubsub")
+# messenger against the other systems of the same shape. The relay first: the floor of the
+# messenger's own structure (benchmarks/relay_ref.py), so the ratio to it is what our code costs.
+OTHERS = ("relay", "erlang", "channels_redis.core", "channels_redis.pubsub")
+# The coordinator's drain, against the relay's in its place.
+CAPACITY = ("coordinator", "coordinator_cpu", "redis_cpu")
 # The targets, shown beside the figures (informational: never an exit code). Each is
 # (figure, reference or None for an absolute figure, "min"/"max", bound).
 TARGETS: tuple[tuple[str, str | None, str, float], ...] = (
@@ -77,6 +80,7 @@ def _comparison_pairs() -> list[tuple[str, str]]:
         # The Erlang reference names its round trips `rtt.*` (today).
         pairs.append((f"roundtrip.{q}.messenger", f"rtt.{q}.erlang"))
         pairs += [(f"roundtrip.{q}.messenger", f"roundtrip.{q}.{o}") for o in OTHERS]
+    pairs += [(f"capacity.{c}.messenger", f"capacity.{c}.relay") for c in CAPACITY]
     pairs.append(("logon.rate.messenger", "logon.rate.erlang"))
     pairs.append(("faults.kill9.removal_ms", "crash.detect.erlang"))
     return pairs

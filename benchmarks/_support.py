@@ -202,6 +202,28 @@ class Process:
         return self.proc.returncode
 
 
+def process_state(pid: int) -> str:
+    """The process's state letter from /proc (T: stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of a process so far: from the scheduler (ns) where the kernel says, else user
+    + system clock ticks (10 ms: coarse beside a drain of a few hundred ms)."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0]) / 1e9
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def redis_cpu_seconds(redis: Redis) -> float:
+    """Redis's CPU time so far (INFO cpu: user + system)."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 @dataclass(frozen=True)
 class Shape:
     """One throughput shape: `pairs` sender→receiver pairs, each sender keeping `inflight`

@@ -19,6 +19,7 @@ import benchmarks.__main__ as runner
 from benchmarks.figures import Env, Figure, NotRun, Partial
 from benchmarks.messenger_path import expected_keys as messenger_keys
 from benchmarks.raw import expected_keys as raw_keys
+from benchmarks.relay_ref import expected_keys as relay_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,11 +41,11 @@ def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_smoke_run_has_every_figure(tmp_path: Path) -> None:
-    result, report = _run(tmp_path, "--smoke", "--only", "raw,messenger_path", "--check")
+    result, report = _run(tmp_path, "--smoke", "--only", "raw,relay_ref,messenger_path", "--check")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     env = Env("", quick=True, repeat=3, work_dir="", smoke=True)
     figures = report["figures"]
-    for key in raw_keys(env) + messenger_keys(env):
+    for key in raw_keys(env) + relay_keys(env) + messenger_keys(env):
         assert key in figures, f"{key} missing: {sorted(figures)}"
         figure = figures[key]
         assert len(figure["values"]) == 3
@@ -61,11 +62,15 @@ def test_smoke_run_has_every_figure(tmp_path: Path) -> None:
     assert run["redis"]["version"]
     assert {name: s["status"] for name, s in report["scenarios"].items()} == {
         "raw": "ok",
+        "relay_ref": "ok",
         "messenger_path": "ok",
     }
     table = (tmp_path / "bench.md").read_text()
     assert "throughput.awaited.8pairs.messenger" in table
     assert "throughput.awaited.8pairs.messenger" in result.stdout
+    compared = {(c["key"], c["ref"]) for c in report["comparisons"]}
+    assert ("throughput.awaited.8pairs.messenger", "throughput.awaited.8pairs.relay") in compared
+    assert ("capacity.coordinator.messenger", "capacity.coordinator.relay") in compared
 
 
 def test_check_fails_on_an_unknown_scenario(tmp_path: Path) -> None:
