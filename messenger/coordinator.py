@@ -79,6 +79,9 @@ class _Credentials:
 
     key: str
     inbox: str
+    # The session's user name (a gone session's entry has none): what its messages say they
+    # are from. The batch script takes it from here rather than decode the record again.
+    name: str = ""
 
     @classmethod
     def parse(cls, raw: str | None) -> _Credentials | None:
@@ -87,11 +90,11 @@ class _Credentials:
             return None
         try:
             obj = json.loads(raw)
-            key, inbox = obj["key"], obj["inbox"]
-        except (ValueError, TypeError, KeyError, RecursionError):
+            key, inbox, name = obj["key"], obj["inbox"], obj.get("name", "")
+        except (ValueError, TypeError, KeyError, RecursionError, AttributeError):
             return None
         if isinstance(key, str) and isinstance(inbox, str):
-            return cls(key, inbox)
+            return cls(key, inbox, name if isinstance(name, str) else "")
         return None
 
 
@@ -390,7 +393,7 @@ class Coordinator:
                 # verifies with it too (the script says `you-are-not-logged-on` if the logon
                 # does not succeed), unless the session is known already: a logon must never
                 # replace a live session's key, not even for the rest of a batch.
-                known = _Credentials(r.key, self.keys.inbox(inbox_id(r.key)))
+                known = _Credentials(r.key, self.keys.inbox(inbox_id(r.key)), r.name)
                 credentials.setdefault(r.sid, known)
             else:
                 known = credentials.get(r.sid)
@@ -416,7 +419,7 @@ class Coordinator:
         longest = max_entry_bytes(self.settings.max_message_bytes)
         done = await self.scripts.batch(
             self.id,
-            [self._job(r, known.inbox) for _, r, known in jobs],
+            [self._job(r, known) for _, r, known in jobs],
             refusals=refusals,
             trim=trim,
             most=_BATCH if take else 0,
@@ -436,12 +439,13 @@ class Coordinator:
             await self._after_changes(changed)
         return replies
 
-    def _job(self, r: Request, reply_to: str) -> Job:
+    def _job(self, r: Request, known: _Credentials) -> Job:
         s = self.settings
         wait = r.wait_ms or s.reply_timeout_ms  # the sender's own wait is what counts
         # Apply only while the reply can still reach a sender that is waiting for it.
         timeout = wait - min(_REPLY_MARGIN_MS, wait // 5)
-        return Job(r, reply_to, timeout, _MAX_SKEW_MS, r.ttl_ms or s.heartbeat_ttl_ms)
+        ttl = r.ttl_ms or s.heartbeat_ttl_ms
+        return Job(r, known.inbox, timeout, _MAX_SKEW_MS, ttl, sender=known.name)
 
     def _applied(self, r: Request, known: _Credentials, result: str | ResponseError) -> str | None:
         """What the script of one request did, noted here; its reply word (None: it failed)."""

@@ -87,7 +87,8 @@ end
 # [9] longest entry, [10] control channel, [11] alive event, [12] requests n, [13] refusals m;
 # then m pairs (inbox, refusal event) and the n requests, each: kind ('L', 'M' or 'O'), req id,
 # sent ms, max age ms, reply channel, sid, then the kind's own:
-#   L: name, node, heartbeat ttl ms, key, heartbeat key;  M: to, text as a JSON string;  O: none.
+#   L: name, node, heartbeat ttl ms, key, heartbeat key;  M: the sender's name, to, text as a
+#   JSON string;  O: none.
 #
 # One batch of the coordinator's, all in one atomic step: apply its requests in order, publish
 # its refusals, forget (trim) the entries it came from, and take the next batch. So a batch
@@ -139,17 +140,24 @@ local function logon(sid, name, node, ttl, key, inbox, hb)
   return 'logged-on'
 end
 
-local function message(sid, to, text_json)
-  local raw = redis.call('HGET', S, sid)
-  if not raw then return 'you-are-not-logged-on' end
+-- The receiver's inbox from its record: the field itself, found without decoding the record
+-- (names, nodes and keys cannot hold a quote, so `"inbox":"` only begins that field), or the
+-- decoded record's where that fails (an escaped character, an odd record).
+local function inbox_of(raw)
+  return string.match(raw, '"inbox":"([^"\\]+)"') or record(raw).inbox
+end
+
+-- The sender's name comes from the coordinator (from the session's record or its logon): the
+-- session only has to be there still.
+local function message(sid, from, to, text_json)
+  if redis.call('HEXISTS', S, sid) == 0 then return 'you-are-not-logged-on' end
   local to_sid = redis.call('HGET', NAMES, to)
   local to_raw = to_sid and redis.call('HGET', S, to_sid)
-  local inbox = to_raw and record(to_raw).inbox
+  local inbox = to_raw and inbox_of(to_raw)
   if not inbox then return 'receiver-not-found' end
-  local from = record(raw).name
   -- A name is letters, digits and `_.-` (protocol.NAME_RULE), so it needs no JSON escaping;
   -- one that is not (a corrupt record) is not quoted.
-  if not from or not string.match(from, '^[%w_.-]+$') then from = '?' end
+  if not string.match(from, '^[%w_.-]+$') then from = '?' end
   local event = '{"t":"msg","from":"' .. from .. '","text":' .. text_json .. '}'
   local n = redis.call('PUBLISH', inbox, event)
   -- PUBLISH counts the subscribers that got it: 0 means the receiver's client is gone,
@@ -186,7 +194,7 @@ local function apply(done_key, at)
     reply = logon(sid, ARGV[at + 6], ARGV[at + 7], tonumber(ARGV[at + 8]), ARGV[at + 9],
                   reply_to, ARGV[at + 10])
   elseif kind == 'M' then
-    reply = message(sid, ARGV[at + 6], ARGV[at + 7])
+    reply = message(sid, ARGV[at + 6], ARGV[at + 7], ARGV[at + 8])
   else
     reply = logoff(sid)
   end
@@ -197,7 +205,7 @@ end
 
 local n, m = tonumber(ARGV[12]), tonumber(ARGV[13])
 local out, at, logged_on = {n}, 14 + 2 * m, false
-local width = {L = 11, M = 8, O = 6}
+local width = {L = 11, M = 9, O = 6}
 for r = 1, n do
   local ok, reply = pcall(apply, KEYS[8 + r], at)
   if not ok then
@@ -414,6 +422,9 @@ class Job:
     timeout_ms: int
     skew_ms: int
     ttl_ms: int
+    # A message's sender's name, as the coordinator knows it from the session's record or its
+    # logon ("": not known, so the session is gone and the message is not sent).
+    sender: str = ""
 
 
 class Scripts:
@@ -455,7 +466,7 @@ class Scripts:
             args += [r.name, r.node, str(job.ttl_ms), r.key, self.keys.hb(heartbeat_id(r.key))]
         elif r.kind == "message-to":
             # The script puts it in the message event as it is: JSON-encoded here, once.
-            args += [r.to, json.dumps(r.text, ensure_ascii=False)]
+            args += [job.sender, r.to, json.dumps(r.text, ensure_ascii=False)]
         return args
 
     async def batch(
