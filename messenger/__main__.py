@@ -1,3 +1,3 @@
-from messenger.cli import main
+from messenger.entry import main
 
 main()

@@ -11,7 +11,6 @@ import os
 import secrets
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,13 +19,14 @@ import click
 from click.core import ParameterSource
 from redis.exceptions import RedisError
 
-from messenger import __version__, acl, local, private
+from messenger import __version__, acl, entry, local, options, private
 from messenger.client import Client, UserList, list_users
 from messenger.connection import connect, describe, explain, resolve_url, server_file
 from messenger.coordinator import Coordinator
 from messenger.embedded import EmbeddedRedis
-from messenger.errors import ConfigError, MessengerError, NoConnection, NoResponse, Rejected
-from messenger.protocol import OK_REPLIES, Reply, printable, validate_name, validate_text
+from messenger.errors import ConfigError, MessengerError, NoConnection, Rejected
+from messenger.options import Kind
+from messenger.protocol import Reply, printable, validate_name
 from messenger.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,76 +34,40 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("messenger")
 
 
-# The settings every command takes, as (option, click arguments). Each may come before the
-# command's name or after it (`messenger --node n1 who` = `messenger who --node n1`), and each
-# reads MESSENGER_<NAME> from the environment.
-_SETTING_OPTIONS: list[tuple[str, dict[str, Any]]] = [
-    (
-        "--redis-url",
-        {
-            "help": "Redis to use (redis://[[user]:password@]host:port[/db], or rediss:// for "
-            "TLS; redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db] "
-            "for the primary that Redis Sentinels name). Default: the embedded Redis of a "
-            "`messenger server` on this host."
-        },
-    ),
-    ("--node", {"help": "This node's name (default: the host name)."}),
-    ("--prefix", {"help": "Prefix of every Redis key (default: messenger)."}),
-    (
-        "--heartbeat-interval",
-        {"type": float, "help": "Seconds between a client's heartbeats (default 1)."},
-    ),
-    (
-        "--heartbeat-ttl",
-        {
-            "type": float,
-            "help": "Seconds without a heartbeat before a client is logged off (default 3).",
-        },
-    ),
-    (
-        "--reply-timeout",
-        {"type": float, "help": "Seconds to wait for the server's reply (default 5)."},
-    ),
-    (
-        "--runtime-dir",
-        {
-            "type": click.Path(file_okay=False, path_type=Path),
-            "help": "Directory for node sockets and the embedded server's address.",
-        },
-    ),
-    (
-        "--tls-ca-file",
-        {
-            "type": click.Path(dir_okay=False, path_type=Path),
-            "help": "PEM CA certificate(s) to verify a rediss:// Redis's certificate with "
-            "(besides the system's CAs).",
-        },
-    ),
-    (
-        "--tls-cert-file",
-        {
-            "type": click.Path(dir_okay=False, path_type=Path),
-            "help": "PEM client certificate for a rediss:// Redis that requires one "
-            "(with --tls-key-file).",
-        },
-    ),
-    (
-        "--tls-key-file",
-        {
-            "type": click.Path(dir_okay=False, path_type=Path),
-            "help": "PEM private key (unencrypted) of --tls-cert-file.",
-        },
-    ),
-]
-_SETTING_NAMES = tuple(opt[2:].replace("-", "_") for opt, _ in _SETTING_OPTIONS)
+# The help of each setting option (messenger/options.py has them all, what each takes and how
+# they resolve). Each may come before the command's name or after it (`messenger --node n1 who`
+# = `messenger who --node n1`), and each reads MESSENGER_<NAME> from the environment.
+_HELP: dict[str, str] = {
+    "--redis-url": "Redis to use (redis://[[user]:password@]host:port[/db], or rediss:// for "
+    "TLS; redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db] "
+    "for the primary that Redis Sentinels name). Default: the embedded Redis of a "
+    "`messenger server` on this host.",
+    "--node": "This node's name (default: the host name).",
+    "--prefix": "Prefix of every Redis key (default: messenger).",
+    "--heartbeat-interval": "Seconds between a client's heartbeats (default 1).",
+    "--heartbeat-ttl": "Seconds without a heartbeat before a client is logged off (default 3).",
+    "--reply-timeout": "Seconds to wait for the server's reply (default 5).",
+    "--runtime-dir": "Directory for node sockets and the embedded server's address.",
+    "--tls-ca-file": "PEM CA certificate(s) to verify a rediss:// Redis's certificate with "
+    "(besides the system's CAs).",
+    "--tls-cert-file": "PEM client certificate for a rediss:// Redis that requires one "
+    "(with --tls-key-file).",
+    "--tls-key-file": "PEM private key (unencrypted) of --tls-cert-file.",
+}
+_TYPES: dict[Kind, Any] = {
+    Kind.TEXT: None,
+    Kind.SECONDS: float,
+    Kind.DIR: click.Path(file_okay=False, path_type=Path),
+    Kind.FILE: click.Path(dir_okay=False, path_type=Path),
+}
 
 
 def _add_options(func: F, *, envvar: bool) -> F:
-    for (opt, kwargs), name in reversed(list(zip(_SETTING_OPTIONS, _SETTING_NAMES, strict=True))):
-        extra: dict[str, Any] = (
-            {"envvar": f"MESSENGER_{name.upper()}", "show_envvar": True} if envvar else {}
-        )
-        func = click.option(opt, default=None, **kwargs, **extra)(func)
+    for option, kind in reversed(options.OPTIONS.items()):
+        kwargs: dict[str, Any] = {"type": _TYPES[kind], "help": _HELP[option]}
+        if envvar:
+            kwargs |= {"envvar": options.envvar(option), "show_envvar": True}
+        func = click.option(option, default=None, **kwargs)(func)
     return click.option("-v", "--verbose", is_flag=True, help="Log more.")(func)
 
 
@@ -116,13 +80,15 @@ def common_options(func: F) -> F:
     def wrapper(**kwargs: Any) -> Any:
         ctx = click.get_current_context()
         before = ctx.parent.params if ctx.parent is not None else {}
-        values = {}
-        for name in _SETTING_NAMES:
-            after = kwargs.pop(name)
-            typed_after = ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
-            values[name] = after if typed_after or before.get(name) is None else before[name]
+        after = {}
+        for name in options.NAMES:
+            value = kwargs.pop(name)
+            # Not typed: read from the environment by click (which checked it), or None;
+            # resolve() reads the environment itself.
+            if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+                after[name] = value
         kwargs["verbose"] = bool(kwargs["verbose"] or before.get("verbose"))
-        kwargs["settings"] = Settings.from_env(**values)
+        kwargs["settings"] = options.resolve(before, after)
         return func(**kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -299,10 +265,7 @@ async def _logon(name: str, settings: Settings) -> None:
 def message(to: str, text: tuple[str, ...], *, settings: Settings, verbose: bool) -> None:
     """Send TEXT to user TO through this node's client (words are joined by spaces)."""
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
-    joined = " ".join(text)
-    validate_name(to)
-    validate_text(joined, settings.max_message_bytes)
-    _local_call(settings, {"op": "message", "to": to, "text": joined})
+    _call_client(settings, entry.request(settings, "message", (to, *text)))
 
 
 @cli.command()
@@ -310,22 +273,14 @@ def message(to: str, text: tuple[str, ...], *, settings: Settings, verbose: bool
 def logoff(*, settings: Settings, verbose: bool) -> None:
     """Log off this node's user; its `logon` process exits 0."""
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
-    _local_call(settings, {"op": "logoff"})
+    _call_client(settings, entry.request(settings, "logoff", ()))
 
 
-def _local_call(settings: Settings, request: dict[str, str]) -> None:
-    # The client's request waits no longer than this command does (so a request that this
-    # command gave up on is never applied), and its answer gets half a second to come back.
-    request["wait_ms"] = str(settings.reply_timeout_ms)
-    # And if the client reads it late (it hung meanwhile), it knows when this command gave up.
-    request["until_ms"] = str(int(time.time() * 1000) + settings.reply_timeout_ms)
-    answer = asyncio.run(local.call(settings, request, settings.reply_timeout + 0.5))
-    reply = str(answer.get("reply", ""))
-    echo(printable(reply))
-    if "exit" in answer:
-        sys.exit(int(answer["exit"]))
-    if reply not in OK_REPLIES:
-        sys.exit(1)
+def _call_client(settings: Settings, request: dict[str, str]) -> None:
+    # What `entry` runs itself for the plain forms of these commands (no click, no asyncio).
+    code = entry.call_client(settings, request)
+    if code:
+        sys.exit(code)
 
 
 @cli.command()
@@ -362,26 +317,17 @@ async def _who(settings: Settings) -> UserList:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: every MessengerError becomes its words and its exit code, never a traceback."""
+    """The click CLI: every MessengerError becomes its words and its exit code, never a
+    traceback (`entry.main` runs the plain forms of `message` and `logoff` without it)."""
+    sys.exit(entry.guarded(lambda: _run(argv)))
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         code = cli.main(args=argv, prog_name="messenger", standalone_mode=False)
     except click.exceptions.Abort:
-        sys.exit(130)
+        return 130
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
-    except MessengerError as e:
-        if isinstance(e, (Rejected, NoConnection, NoResponse)):
-            echo(e.message)
-            detail = getattr(e, "detail", "")
-            if detail:
-                click.echo(f"messenger: {detail}", err=True)
-        else:
-            click.echo(f"Error: {e.message}", err=True)
-        sys.exit(e.exit_code)
-    except OSError as e:  # the machine said no: a path, a permission, a socket
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return e.exit_code
+    return code if isinstance(code, int) else 0

@@ -1,5 +1,8 @@
 """The wire protocol, pure: reply words, requests, events, validation. No Redis in here.
 
+The reply words, the name and text rules and `printable` are defined in `rules` (so that the
+CLI's light path need not import this module) and re-exported here.
+
 Requests travel to the coordinator as signed entries of one Redis list (a MAC, then JSON);
 replies and messages travel to a client as JSON on that session's inbox channel. The Lua in
 `scripts` writes the JSON events, so the field names below are shared with it.
@@ -12,96 +15,28 @@ import hmac
 import json
 import re
 import secrets
-import unicodedata
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Literal
 
 from messenger.errors import InvalidInput, ProtocolError
 
-
-class Reply(StrEnum):
-    """The seed's words, printed alone on a line."""
-
-    LOGGED_ON = "logged-on"
-    USER_EXISTS = "user-exists-at-other-node"
-    ALREADY_LOGGED_ON = "already-logged-on"
-    NOT_LOGGED_ON = "not-logged-on"
-    SENT = "sent"
-    RECEIVER_NOT_FOUND = "receiver-not-found"
-    YOU_ARE_NOT_LOGGED_ON = "you-are-not-logged-on"
-    LOGGED_OFF = "logged-off"
-    # Not one of the seed's: the session sent faster than the coordinator's limit allows
-    # (settings.rate_limit); the request was not applied. The client goes on.
-    RATE_LIMITED = "rate-limited"
-    # Not a reply anyone sees: the request outlived its sender's wait and was not applied.
-    EXPIRED = "expired"
-
+# Re-exported: defined in `rules`, which the light CLI path imports without the rest of this.
+from messenger.rules import NAME_RULE as NAME_RULE
+from messenger.rules import NODE_RULE as NODE_RULE
+from messenger.rules import OK_REPLIES as OK_REPLIES
+from messenger.rules import Reply as Reply
+from messenger.rules import encode_local as encode_local
+from messenger.rules import printable as printable
+from messenger.rules import validate_name as validate_name
+from messenger.rules import validate_node as validate_node
+from messenger.rules import validate_text as validate_text
 
 # Replies after which the client stops (the seed's `#(messenger stop Why)`).
 STOP_REPLIES = frozenset({Reply.USER_EXISTS, Reply.ALREADY_LOGGED_ON, Reply.YOU_ARE_NOT_LOGGED_ON})
-# Replies that mean the request did what was asked.
-OK_REPLIES = frozenset({Reply.LOGGED_ON, Reply.SENT, Reply.LOGGED_OFF})
 
-NAME_RULE = "1-32 characters: letters, digits, '_', '.', '-', starting with a letter or digit"
-NODE_RULE = "1-64 characters: letters, digits, '_', '.', '-', '@', starting with a letter or digit"
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}")
-_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}")
 # Kept well under anything that could hurt: ids appear in key and channel names.
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 _WAIT_RE = re.compile(r"[0-9]{1,7}")  # milliseconds, under 3 hours: waits and TTLs
-
-
-def validate_name(name: str) -> str:
-    """Return `name` if it is a valid user name, else raise InvalidInput with the rule."""
-    if not _NAME_RE.fullmatch(name):
-        raise InvalidInput(f"invalid user name {printable(name)!r}: {NAME_RULE}")
-    return name
-
-
-def validate_node(node: str) -> str:
-    """Return `node` if it is a valid node name, else raise InvalidInput with the rule."""
-    if not _NODE_RE.fullmatch(node):
-        raise InvalidInput(f"invalid node name {printable(node)!r}: {NODE_RULE}")
-    return node
-
-
-def validate_text(text: str, max_bytes: int) -> str:
-    """A message must be non-empty UTF-8 of at most `max_bytes` bytes."""
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        # click hands undecodable argv bytes over as lone surrogates.
-        raise InvalidInput("message text is not valid UTF-8") from None
-    if size == 0:
-        raise InvalidInput("message text is empty")
-    if size > max_bytes:
-        raise InvalidInput(f"message text is {size} bytes; the limit is {max_bytes}")
-    return text
-
-
-# Bidirectional overrides and isolates can make text read differently from what it is
-# ("Trojan Source"); other format characters (e.g. the joiner inside emoji) are harmless.
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-# Text that is all printable ASCII needs no look at each character (most text: a client prints
-# every message through printable, so this is on the hot path).
-_PLAIN_RE = re.compile(r"[ -~]*")
-
-
-def printable(text: str) -> str:
-    """Escape control characters (and bidi overrides) so text can never drive the terminal."""
-    if _PLAIN_RE.fullmatch(text):
-        return text
-    out = []
-    for ch in text:
-        if ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 # --- requests (client -> coordinator, signed queue entries) -------------------------------------
@@ -377,10 +312,6 @@ class LocalRequest:
 
 
 _UNTIL_RE = re.compile(r"[0-9]{1,16}")
-
-
-def encode_local(obj: dict[str, str]) -> bytes:
-    return (json.dumps(obj) + "\n").encode()
 
 
 def decode_local_request(line: bytes) -> LocalRequest:

@@ -1,11 +1,16 @@
-"""All configuration in one frozen dataclass, read from options or the environment."""
+"""All configuration in one frozen value, read from options or the environment.
+
+Light on purpose: `messenger message` imports this at start-up, and `dataclasses` (with the
+`inspect` it imports and the code it generates) would cost that command about 10 ms, a quarter
+of Python's own start. So the values are plain classes with `__slots__`, frozen and compared
+field by field as frozen dataclasses are.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from messenger.errors import ConfigError
@@ -15,16 +20,67 @@ ENV_PREFIX = "MESSENGER_"
 _MAX_SECONDS = 3600.0
 
 
-@dataclass(frozen=True)
-class TlsFiles:
+def _restore(cls: type[_Frozen], values: tuple[object, ...]) -> _Frozen:
+    obj = object.__new__(cls)
+    for name, value in zip(cls.__slots__, values, strict=True):
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+class _Frozen:
+    """A value whose fields are its `__slots__`: immutable, equal to another of its class with
+    equal fields, hashable, shown by repr (but for `_unshown`), copied and pickled whole."""
+
+    __slots__: tuple[str, ...] = ()
+    _unshown: frozenset[str] = frozenset()
+
+    def _init(self, **values: object) -> None:
+        for name in self.__slots__:
+            object.__setattr__(self, name, values[name])
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Frozen) and other.__class__ is self.__class__:
+            return self._values() == other._values()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        shown = (f"{n}={getattr(self, n)!r}" for n in self.__slots__ if n not in self._unshown)
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen: cannot delete {name!r}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return _restore, (type(self), self._values())
+
+
+class TlsFiles(_Frozen):
     """The PEM files of a TLS connection to Redis (rediss://). None: not given.
 
     `ca_file` is a CA the server's certificate may be signed by (besides the system's CAs);
     `cert_file` and `key_file`, always both or neither, are this side's client certificate."""
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    __slots__ = ("ca_file", "cert_file", "key_file")
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+
+    def __init__(
+        self,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+    ) -> None:
+        self._init(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
 
 
 _TLS_FIELDS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
@@ -56,8 +112,7 @@ def default_runtime_dir() -> Path:
     return Path(f"/tmp/messenger-{os.getuid()}")
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(_Frozen):
     """Everything a coordinator, client or command needs to know.
 
     Times are in seconds. The defaults follow the issue: heartbeat every 1 s with a 3 s TTL, a 5 s
@@ -65,29 +120,90 @@ class Settings:
     notice a dead coordinator within 5 s (lease TTL + one heartbeat).
     """
 
-    redis_url: str | None = None
-    node: str = field(default_factory=socket.gethostname)
-    prefix: str = "messenger"
-    heartbeat_interval: float = 1.0
-    heartbeat_ttl: float = 3.0
-    reply_timeout: float = 5.0
-    lease_ttl: float = 2.0
-    sweep_interval: float = 0.25
-    max_message_bytes: int = 64 * 1024
-    # The coordinator's limit per session (logons aside): `rate_limit` requests per second
-    # after a burst of `rate_burst`; past it, requests are answered `rate-limited`. Far above
-    # what a person types, far below what a loop sends (docs/security.md, "Floods").
-    rate_limit: float = 20.0
-    rate_burst: int = 40
-    runtime_dir: Path = field(default_factory=default_runtime_dir)
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    # The coordinator's: the password of the Redis users it makes for clients (docs/security.md).
+    __slots__ = (  # noqa: RUF023 (in the order repr shows them)
+        "redis_url",
+        "node",
+        "prefix",
+        "heartbeat_interval",
+        "heartbeat_ttl",
+        "reply_timeout",
+        "lease_ttl",
+        "sweep_interval",
+        "max_message_bytes",
+        "rate_limit",
+        "rate_burst",
+        "runtime_dir",
+        "tls_ca_file",
+        "tls_cert_file",
+        "tls_key_file",
+        "client_password",
+    )
     # Never shown (repr) and never written anywhere by the messenger.
-    client_password: str | None = field(default=None, repr=False)
+    _unshown = frozenset({"client_password"})
 
-    def __post_init__(self) -> None:
+    redis_url: str | None
+    node: str
+    prefix: str
+    heartbeat_interval: float
+    heartbeat_ttl: float
+    reply_timeout: float
+    lease_ttl: float
+    sweep_interval: float
+    max_message_bytes: int
+    rate_limit: float
+    rate_burst: int
+    runtime_dir: Path
+    tls_ca_file: Path | None
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    client_password: str | None
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        node: str | None = None,  # None: the host name
+        prefix: str = "messenger",
+        heartbeat_interval: float = 1.0,
+        heartbeat_ttl: float = 3.0,
+        reply_timeout: float = 5.0,
+        lease_ttl: float = 2.0,
+        sweep_interval: float = 0.25,
+        max_message_bytes: int = 64 * 1024,
+        # The coordinator's limit per session (logons aside): `rate_limit` requests per second
+        # after a burst of `rate_burst`; past it, requests are answered `rate-limited`. Far
+        # above what a person types, far below what a loop sends (docs/security.md, "Floods").
+        rate_limit: float = 20.0,
+        rate_burst: int = 40,
+        runtime_dir: Path | None = None,  # None: default_runtime_dir()
+        tls_ca_file: Path | None = None,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        # The coordinator's: the password of the Redis users it makes for clients
+        # (docs/security.md).
+        client_password: str | None = None,
+    ) -> None:
+        self._init(
+            redis_url=redis_url,
+            node=socket.gethostname() if node is None else node,
+            prefix=prefix,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_ttl=heartbeat_ttl,
+            reply_timeout=reply_timeout,
+            lease_ttl=lease_ttl,
+            sweep_interval=sweep_interval,
+            max_message_bytes=max_message_bytes,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
+            runtime_dir=default_runtime_dir() if runtime_dir is None else runtime_dir,
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            client_password=client_password,
+        )
+        self._check()
+
+    def _check(self) -> None:
         for name in (
             "heartbeat_interval",
             "heartbeat_ttl",
