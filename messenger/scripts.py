@@ -144,7 +144,7 @@ end
 -- (names, nodes and keys cannot hold a quote, so `"inbox":"` only begins that field), or the
 -- decoded record's where that fails (an escaped character, an odd record).
 local function inbox_of(raw)
-  return string.match(raw, '"inbox":"([^"\\]+)"') or record(raw).inbox
+  return string.match(raw, '"inbox":"([^"%\\\\]+)"') or record(raw).inbox
 end
 
 -- The sender's name comes from the coordinator (from the session's record or its logon): the
