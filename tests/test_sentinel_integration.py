@@ -456,7 +456,8 @@ def test_sentinel_failover_during_traffic_is_followed(
         )
         left = time.monotonic()
         # A logoff now is applied on the new primary, so it is not lost when the old one resyncs.
-        assert procs.run("logoff", "--node", "n6")[:2] == (0, ["logged-off"])
+        code, out, err = procs.run("logoff", "--node", "n6")
+        assert (code, out) == (0, ["logged-off"]), f"{err} / frank: {frank.err[-5:]}"
         assert frank.wait_exit(10.0) == 0
         # alice stayed logged on: a message she sends now goes through the new primary to bob.
         wait_until(lambda: traffic.first_sent_since(left) is not None, 30.0, "a message via new")
