@@ -173,20 +173,21 @@ end
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
 # ARGV[1] coordinator id, [2] now ms or '', [3] limit, [4] gone-key prefix, [5] gone ttl ms,
 # [6] heartbeat-key prefix
-# Looks only at the sessions that are due: one whose heartbeat key still lives is due again
-# when that key would expire (its PTTL); one whose key is gone is logged off. So the cost grows
-# with the sessions due, not with all sessions, and clients write nothing but their own key.
-# A live session costs a PTTL and its share of one ZADD: its deadline's member names its
-# heartbeat key, so its record is not read (every live session is due about every TTL -
-# interval, so this is most of what the sweep does). Returns {sid, name, node, ...} of the
-# sessions removed.
+# Looks only at the sessions that are due, at most `limit` of them: one whose heartbeat key
+# still lives is due again when that key would expire (its PTTL); one whose key is gone is logged
+# off. So the cost grows with the sessions due, not with all sessions, and clients write nothing
+# but their own key. A live session costs a PTTL and its share of one ZADD: its deadline's
+# member names its heartbeat key, so its record is not read (every live session is due about
+# every TTL - interval, so this is most of what the sweep does). The caller keeps the limit
+# small and calls again while a call comes back full: Redis serves nobody else while a script
+# runs. Returns {looked at, sid, name, node, ...}: how many were due, then the sessions removed.
 _SWEEP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
 local now = now_ms(ARGV[2])
 local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-local out, again = {}, {}
+local out, again = {#due}, {}
 for _, member in ipairs(due) do
   local sid, hb_id = string.match(member, '^([^:]+):([^:]+)$')
   local hb
@@ -470,8 +471,10 @@ class Scripts:
         return out
 
     async def sweep(
-        self, coordinator: str, limit: int = 1000, now: int | None = None
-    ) -> list[tuple[str, str, str]]:
+        self, coordinator: str, limit: int = 100, now: int | None = None
+    ) -> tuple[int, list[tuple[str, str, str]]]:
+        """Look at up to `limit` due sessions (see _SWEEP); returns how many were due, and
+        (sid, name, node) of those logged off. Fewer than `limit` due: none is left."""
         k = self.keys
         flat = cast(
             Sequence[Any],
@@ -488,7 +491,8 @@ class Scripts:
                 ],
             ),
         )
-        return [(sid, name, node) for sid, name, node in _rows(flat, 3)]
+        removed = [(sid, name, node) for sid, name, node in _rows(flat[1:], 3)]
+        return int(flat[0]), removed
 
     async def crashed(
         self, coordinator: str, suspects: Sequence[tuple[str, str]]

@@ -1,0 +1,190 @@
+"""The sweep and the crash check beside the requests (Coordinator.housekeep), on fakeredis:
+requests are served while they run, they go in small scripts, and a failure in them ends serve()
+as a failure of the requests does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import pytest
+
+from messenger.coordinator import Coordinator
+from messenger.keys import Keys
+from messenger.protocol import (
+    Kind,
+    Reply,
+    Request,
+    encode_request,
+    heartbeat_id,
+    inbox_id,
+    new_session_key,
+)
+from messenger.settings import Settings
+
+K = Keys("u")
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    r = fakeredis.FakeAsyncRedis(decode_responses=True)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(redis_url="redis://fake", node="t", prefix="u", sweep_interval=0.02)
+
+
+class Session:
+    """A client's side of one session: its sid, key and inbox subscription."""
+
+    def __init__(self, redis: Any, name: str, node: str) -> None:
+        self.redis, self.name, self.node = redis, name, node
+        self.sid = secrets.token_hex(16)
+        self.key = new_session_key()
+        self.inbox = K.inbox(inbox_id(self.key))
+        self.hb = K.hb(heartbeat_id(self.key))
+        self.pubsub: Any = None
+        self.owns_pubsub = False
+
+    async def subscribe(self) -> None:
+        self.owns_pubsub = True
+        self.pubsub = self.redis.pubsub()
+        await self.pubsub.subscribe(self.inbox)
+        await self.pubsub.get_message(timeout=1.0)  # the confirmation
+
+    def entry(self, kind: Kind, now_ms: int, **fields: Any) -> str:
+        if kind == "logon":
+            fields |= {"name": self.name, "node": self.node, "key": self.key}
+        request = Request(kind, secrets.token_hex(16), self.sid, sent_ms=now_ms, **fields)
+        return encode_request(request, self.key)
+
+    async def reply(self, timeout: float = 2.0) -> str:
+        """The next reply on its inbox."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = await self.pubsub.get_message(timeout=0.05)
+            if msg is not None and msg["type"] == "message":
+                event = json.loads(msg["data"])
+                if event["t"] == "reply":
+                    return str(event["r"])
+        raise TimeoutError(f"no reply for {self.name} in {timeout:g} s")
+
+    async def close(self) -> None:
+        if self.owns_pubsub:
+            await self.pubsub.aclose()
+
+
+async def redis_ms(redis: Any) -> int:
+    secs, micros = await redis.time()
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+@pytest.fixture
+async def sessions(redis: Any) -> AsyncIterator[list[Session]]:
+    made: list[Session] = []
+    yield made
+    for s in made:
+        await s.close()
+
+
+async def log_on(c: Coordinator, redis: Any, sessions: list[Session], n: int) -> list[Session]:
+    """`n` sessions logged on through the coordinator's own request path (no serve loop), their
+    inboxes subscribed on one connection of theirs."""
+    new = [Session(redis, f"u{len(sessions) + i}", f"n{len(sessions) + i}") for i in range(n)]
+    listener = redis.pubsub()
+    await listener.subscribe(*(s.inbox for s in new))
+    for s in new:
+        s.pubsub = listener
+        assert await c.handle(s.entry("logon", await redis_ms(redis))) == Reply.LOGGED_ON
+    new[0].owns_pubsub = True
+    sessions += new
+    return new
+
+
+async def serving(c: Coordinator, stop: asyncio.Event) -> asyncio.Task[None]:
+    """serve() in a task, once the coordinator is active."""
+    task = asyncio.create_task(c.serve(stop))
+    for _ in range(200):
+        if c.active or task.done():
+            break
+        await asyncio.sleep(0.01)
+    assert c.active
+    return task
+
+
+async def ends_by_itself(task: asyncio.Task[None], stop: asyncio.Event, within: float) -> None:
+    """Wait up to `within` seconds for serve() to end on its own (wait_for would cancel it,
+    which is not the point); if it does not, stop it and fail."""
+    await asyncio.wait({task}, timeout=within)
+    if not task.done():
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        pytest.fail(f"serve() went on for {within:g} s after the failure")
+
+
+def no_tasks_but(*mine: asyncio.Task[Any] | None) -> list[asyncio.Task[Any]]:
+    """Tasks still running, besides this test's own: serve() must leave none behind."""
+    return [t for t in asyncio.all_tasks() if t not in mine and not t.done()]
+
+
+# --- the sweep, in small scripts -------------------------------------------------------------
+
+
+async def test_a_sweep_goes_in_scripts_of_a_hundred_due_sessions(
+    redis: Any, settings: Settings, sessions: list[Session]
+) -> None:
+    """Redis runs nothing else while a script runs: 250 sessions due make three scripts, each
+    looking at 100 at most, and one sweep() sees to them all."""
+    c = Coordinator(redis, settings)
+    assert await c.try_acquire_lease()
+    group = await log_on(c, redis, sessions, 250)
+    for s in group[:10]:
+        await redis.delete(s.hb)  # these missed their heartbeats
+    looked_at: list[int] = []
+    real_sweep = c.scripts.sweep
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        due, removed = await real_sweep(*args, **kwargs)
+        looked_at.append(due)
+        return due, removed
+
+    c.scripts.sweep = counted  # type: ignore[method-assign]
+    due_at = await redis_ms(redis) + settings.heartbeat_ttl_ms + 1
+    c.clock = lambda: due_at  # everyone is due (their keys, but those ten, still live)
+    removed = await c.sweep()
+    assert sorted(name for _, name, _ in removed) == sorted(s.name for s in group[:10])
+    assert looked_at == [100, 100, 50]
+    assert int(await redis.zcount(K.deadlines, "-inf", due_at)) == 0  # nobody left due
+    assert await redis.hlen(K.names) == 240
+
+
+async def test_a_backlog_is_swept_a_bounded_pass_at_a_time(
+    redis: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch, sessions: list[Session]
+) -> None:
+    """However many are due, one sweep() ends after a bounded number of scripts, so the crash
+    check still gets its turn every interval; the next sweep goes on where it left off."""
+    from messenger import coordinator
+
+    monkeypatch.setattr(coordinator, "_SWEEP_CHUNK", 5)
+    monkeypatch.setattr(coordinator, "_SWEEP_SCRIPTS", 3)
+    c = Coordinator(redis, settings)
+    assert await c.try_acquire_lease()
+    group = await log_on(c, redis, sessions, 20)
+    for s in group:
+        await redis.delete(s.hb)
+    due_at = await redis_ms(redis) + settings.heartbeat_ttl_ms + 1
+    c.clock = lambda: due_at
+    assert len(await c.sweep()) == 15
+    assert len(await c.sweep()) == 5
+    assert await c.sweep() == []
