@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from messenger import wire
+from messenger.crashes import RedisRestarted
 from messenger.errors import LeaseLost
 from messenger.keys import Keys
 from messenger.protocol import Request, heartbeat_id
@@ -215,16 +216,22 @@ return out
 """
 
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
-# ARGV[1] coordinator id, [2] gone-key prefix, [3] gone ttl ms, then pairs of sid, inbox.
+# ARGV[1] coordinator id, [2] gone-key prefix, [3] gone ttl ms, [4] the coordinator's canary
+# channel or '', then pairs of sid, inbox.
 # The crash fast path (messenger/crashes.py): each suspect is removed only if it still is that
-# session and its inbox still has no subscriber, checked here atomically. Returns {sid, what,
-# name, node, ...}: what is 'crashed' (removed), 'gone' (no such session) or 'alive'.
+# session and its inbox still has no subscriber, checked here atomically, and only while the
+# canary still has its subscriber: a Redis that restarted since the suspects were found has
+# every inbox empty, and nobody is judged by it. Returns {sid, what, name, node, ...}: what is
+# 'crashed' (removed), 'gone' (no such session) or 'alive'.
 _CRASHED = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
+if ARGV[4] ~= '' and redis.call('PUBSUB', 'NUMSUB', ARGV[4])[2] == 0 then
+  return redis.error_reply('NOCANARY the canary subscription is gone')
+end
 local out = {}
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local sid, inbox = ARGV[i], ARGV[i + 1]
   local raw = redis.call('HGET', KEYS[2], sid)
   local what, name, node = 'gone', '', ''
@@ -495,24 +502,33 @@ class Scripts:
         return int(flat[0]), removed
 
     async def crashed(
-        self, coordinator: str, suspects: Sequence[tuple[str, str]]
+        self, coordinator: str, suspects: Sequence[tuple[str, str]], canary: str = ""
     ) -> list[tuple[str, str, str, str]]:
         """Remove the suspects (sid, inbox) whose inbox still has no subscriber; returns
-        (sid, what, name, node) for each: what is `crashed`, `gone` or `alive`."""
+        (sid, what, name, node) for each: what is `crashed`, `gone` or `alive`. Raises
+        RedisRestarted, removing nobody, if `canary` (unless "") has no subscriber."""
         k = self.keys
-        flat = cast(
-            Sequence[Any],
-            await _run(
-                self._crashed,
-                keys=self._indexes(),
-                args=[
-                    coordinator,
-                    k.gone_prefix,
-                    str(self.gone_ttl_ms),
-                    *(item for pair in suspects for item in pair),
-                ],
-            ),
-        )
+        try:
+            flat = cast(
+                Sequence[Any],
+                await _run(
+                    self._crashed,
+                    keys=self._indexes(),
+                    args=[
+                        coordinator,
+                        k.gone_prefix,
+                        str(self.gone_ttl_ms),
+                        canary,
+                        *(item for pair in suspects for item in pair),
+                    ],
+                ),
+            )
+        except ResponseError as e:
+            if str(e).startswith("NOCANARY"):
+                raise RedisRestarted(
+                    "Redis lost this coordinator's subscription (it restarted or failed over)"
+                ) from None
+            raise
         return [(sid, what, name, node) for sid, what, name, node in _rows(flat, 4)]
 
     async def grant(self, coordinator: str, hb_keys: Sequence[str], ms: int) -> int:

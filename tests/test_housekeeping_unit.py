@@ -15,7 +15,9 @@ from typing import Any
 import fakeredis
 import pytest
 
+from messenger import crashes, wire
 from messenger.coordinator import Coordinator
+from messenger.crashes import CrashWatch, RedisRestarted
 from messenger.keys import Keys
 from messenger.protocol import (
     Kind,
@@ -188,3 +190,145 @@ async def test_a_backlog_is_swept_a_bounded_pass_at_a_time(
     assert len(await c.sweep()) == 15
     assert len(await c.sweep()) == 5
     assert await c.sweep() == []
+
+
+# --- the crash check, in chunks --------------------------------------------------------------
+
+
+async def test_a_crash_check_goes_in_chunks_each_with_the_canary(
+    redis: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch, sessions: list[Session]
+) -> None:
+    monkeypatch.setattr(crashes, "_CHUNK", 4)
+    c = Coordinator(redis, settings)
+    assert await c.try_acquire_lease()
+    await c.crashes.load(redis, K, K.canary(c.id))
+    await log_on(c, redis, sessions, 10)
+    writes: list[list[list[str]]] = []
+    real_pipeline = wire.pipeline
+
+    async def recorded(r: Any, commands: Any) -> Any:
+        writes.append([list(cmd) for cmd in commands])
+        return await real_pipeline(r, commands)
+
+    monkeypatch.setattr(wire, "pipeline", recorded)
+    assert await c.remove_crashed() == []
+    assert [len(w[1]) - 2 for w in writes] == [4, 4, 2]  # NUMSUB of 4, 4 and 2 inboxes
+    assert all(w[0] == ["PUBSUB", "NUMSUB", K.canary(c.id)] for w in writes)
+    await c.crashes.close()
+
+
+async def test_a_restart_between_two_chunks_judges_nobody(
+    redis: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch, sessions: list[Session]
+) -> None:
+    """redis-py may reconnect a pooled connection quietly between two chunks of a check: on a
+    Redis that restarted every inbox is empty, and so is the canary, read in the same write."""
+    monkeypatch.setattr(crashes, "_CHUNK", 4)
+    c = Coordinator(redis, settings)
+    assert await c.try_acquire_lease()
+    await c.crashes.load(redis, K, K.canary(c.id))
+    await log_on(c, redis, sessions, 10)
+    real_pipeline = wire.pipeline
+    chunks = 0
+
+    async def restart_after_the_first(r: Any, commands: Any) -> Any:
+        nonlocal chunks
+        chunks += 1
+        if chunks == 2:  # Redis restarted: every subscription is gone
+            await sessions[0].pubsub.unsubscribe()
+            assert c.crashes._canary is not None
+            await c.crashes._canary.unsubscribe()
+        return await real_pipeline(r, commands)
+
+    monkeypatch.setattr(wire, "pipeline", restart_after_the_first)
+    with pytest.raises(RedisRestarted):
+        await c.remove_crashed()
+    assert await redis.hlen(K.names) == 10
+    await c.crashes.close()
+
+
+async def test_the_crash_script_judges_nobody_once_the_canary_is_gone(
+    redis: Any, settings: Settings, sessions: list[Session]
+) -> None:
+    """Suspects found, then Redis restarts before the script that removes them: it finds every
+    inbox empty, but the canary too, and removes nobody."""
+    c = Coordinator(redis, settings)
+    assert await c.try_acquire_lease()
+    await c.crashes.load(redis, K, K.canary(c.id))
+    (alice,) = await log_on(c, redis, sessions, 1)
+    (bob,) = await log_on(c, redis, sessions, 1)
+    assert await c.remove_crashed() == []  # both seen subscribed
+    await alice.pubsub.unsubscribe()  # alice crashed
+    suspects = await c.crashes.suspects(redis)
+    assert suspects == [(alice.sid, alice.inbox)]
+    await bob.pubsub.unsubscribe()
+    assert c.crashes._canary is not None
+    await c.crashes._canary.unsubscribe()  # ... and then Redis restarted
+    with pytest.raises(RedisRestarted):
+        await c.scripts.crashed(c.id, [*suspects, (bob.sid, bob.inbox)], K.canary(c.id))
+    assert await redis.hlen(K.names) == 2
+    await c.crashes.close()
+
+
+async def test_many_suspects_go_in_small_scripts(
+    redis: Any, settings: Settings, sessions: list[Session]
+) -> None:
+    c = Coordinator(redis, settings)
+    assert await c.try_acquire_lease()
+    group = await log_on(c, redis, sessions, 45)
+    assert await c.remove_crashed() == []
+    await group[0].pubsub.unsubscribe()  # a host with 45 clients went down
+    sizes: list[int] = []
+    real_crashed = c.scripts.crashed
+
+    async def counted(coordinator: str, suspects: Any, canary: str = "") -> Any:
+        sizes.append(len(suspects))
+        return await real_crashed(coordinator, suspects, canary)
+
+    c.scripts.crashed = counted  # type: ignore[method-assign]
+    assert len(await c.remove_crashed()) == 45
+    assert sizes == [20, 20, 5]
+    assert await redis.hlen(K.names) == 0
+
+
+async def test_a_logoff_while_a_check_waits_for_redis_is_not_judged(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requests are served while a check waits for its counts: a session logged off (or
+    removed) meanwhile is neither a suspect nor remembered as seen."""
+    watch = CrashWatch()
+    watch.add("gone", "u:inbox:gone")  # seen at its logon
+    watch.add("stays", "u:inbox:stays")
+    listener = redis.pubsub()
+    await listener.subscribe("u:inbox:gone")  # its client has not closed its connection yet
+    real_pipeline = wire.pipeline
+
+    async def logoff_meanwhile(r: Any, commands: Any) -> Any:
+        watch.discard("gone")  # the batch path applied its logoff while the check waited
+        return await real_pipeline(r, commands)
+
+    monkeypatch.setattr(wire, "pipeline", logoff_meanwhile)
+    assert await watch.suspects(redis) == [("stays", "u:inbox:stays")]  # that one crashed
+    assert "gone" not in watch._seen  # forgotten for good, not seen again by a late count
+    assert len(watch) == 1
+    await listener.aclose()
+
+
+async def test_a_session_replaced_while_a_check_waits_is_judged_by_its_new_inbox(
+    redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watch = CrashWatch()
+    watch.add("s", "u:inbox:old")
+    listener = redis.pubsub()
+    await listener.subscribe("u:inbox:new")
+    real_pipeline = wire.pipeline
+
+    async def replaced(r: Any, commands: Any) -> Any:
+        watch.discard("s")
+        watch.add("s", "u:inbox:new")  # logged off, and on again under the same sid
+        return await real_pipeline(r, commands)
+
+    monkeypatch.setattr(wire, "pipeline", replaced)
+    assert await watch.suspects(redis) == []  # the old inbox's empty count is not about it
+    monkeypatch.setattr(wire, "pipeline", real_pipeline)
+    assert await watch.suspects(redis) == []  # the new one has its subscriber
+    await listener.aclose()
