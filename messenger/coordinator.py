@@ -519,6 +519,18 @@ class Coordinator:
             await self.log_list("crash")
         return removed
 
+    async def housekeep(self, stop: asyncio.Event) -> None:
+        """The sweep and the crash check, every sweep interval until `stop` is set: serve()
+        runs this beside the requests, so that a request never waits behind either. Both act
+        only through scripts fenced by the lease, and both tell the crash watch whom they
+        removed, as the requests do. Raises LeaseLost or RedisError."""
+        interval = self.settings.sweep_interval
+        while not stop.is_set():
+            started = time.monotonic()
+            await self.sweep()
+            await self.remove_crashed()
+            await _wait(stop, started + interval - time.monotonic())
+
     async def log_list(self, why: str) -> None:
         """The seed's `list is now: ...`, one line per change of the user list."""
         # Past the limit only the count is logged, so only the count is read (HLEN, not a
@@ -585,21 +597,30 @@ class Coordinator:
         log.info("coordinator %s is active", self.id[:8])  # and ready: clients can log on
         await self.log_list("start")
         s = self.settings
-        next_lease = next_sweep = time.monotonic()
+        next_lease = time.monotonic()
         block = max(0.001, min(s.sweep_interval, s.lease_poll))
+        # The sweep and the crash check run beside the requests, so that a request never waits
+        # behind them. If either side fails, the group cancels the other and waits for it, and
+        # serve() raises that failure. Each side also looks at the other, since a cancellation
+        # can be lost (Python 3.11's wait_for drops one that comes as its wait ends).
+        requests_ended = asyncio.Event()
         try:
-            while not stop.is_set():
-                now = time.monotonic()
-                if now >= next_lease:
-                    await self.refresh_lease()
-                    await self.follow_primary()
-                    next_lease = now + s.lease_poll
-                if now >= next_sweep:
-                    await self.sweep()
-                    await self.remove_crashed()
-                    next_sweep = now + s.sweep_interval
-                if not await self.serve_batch():
-                    await self._wait_for_requests(block)
+            async with asyncio.TaskGroup() as group:
+                housekeeping = group.create_task(self.housekeep(requests_ended))
+                try:
+                    while not stop.is_set() and not housekeeping.done():
+                        now = time.monotonic()
+                        if now >= next_lease:
+                            await self.refresh_lease()
+                            await self.follow_primary()
+                            next_lease = now + s.lease_poll
+                        if not await self.serve_batch():
+                            await self._wait_for_requests(block)
+                finally:
+                    requests_ended.set()
+                    housekeeping.cancel()  # at a stop too: no need to finish a sweep first
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # run() tells LeaseLost from RedisError
         finally:
             self._stop_following()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -14,10 +15,12 @@ from typing import Any
 
 import fakeredis
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from messenger import crashes, wire
 from messenger.coordinator import Coordinator
 from messenger.crashes import CrashWatch, RedisRestarted
+from messenger.errors import LeaseLost
 from messenger.keys import Keys
 from messenger.protocol import (
     Kind,
@@ -332,3 +335,209 @@ async def test_a_session_replaced_while_a_check_waits_is_judged_by_its_new_inbox
     monkeypatch.setattr(wire, "pipeline", real_pipeline)
     assert await watch.suspects(redis) == []  # the new one has its subscriber
     await listener.aclose()
+
+
+# --- beside the requests ---------------------------------------------------------------------
+
+
+async def test_a_request_is_served_while_a_sweep_is_in_progress(
+    redis: Any, settings: Settings, sessions: list[Session]
+) -> None:
+    c = Coordinator(redis, settings)
+    sweeping, release = asyncio.Event(), asyncio.Event()
+    real_sweep = c.scripts.sweep
+    calls = 0
+
+    async def long_sweep(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the first is the activation's, before serving starts
+            sweeping.set()
+            await release.wait()  # Redis busy with a long script, as far as this task knows
+        return await real_sweep(*args, **kwargs)
+
+    c.scripts.sweep = long_sweep  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = await serving(c, stop)
+    await asyncio.wait_for(sweeping.wait(), 2.0)
+    (alice,) = [Session(redis, "alice", "n1")]
+    sessions.append(alice)
+    await alice.subscribe()
+    await redis.rpush(K.requests, alice.entry("logon", await redis_ms(redis)))
+    assert await alice.reply() == Reply.LOGGED_ON
+    assert not release.is_set()
+    assert not task.done()
+    release.set()
+    stop.set()
+    await asyncio.wait_for(task, 2.0)
+    assert no_tasks_but(asyncio.current_task()) == []
+
+
+async def test_a_leaselost_in_the_housekeeping_ends_serve_at_once(
+    redis: Any, settings: Settings
+) -> None:
+    """As when the requests find it: serve() raises it, and leaves no task behind, even while
+    the request side is waiting for work."""
+    c = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    waiting = asyncio.Event()
+
+    async def idle() -> bool:  # the request side, waiting: nothing comes
+        waiting.set()
+        await asyncio.sleep(3600)
+        return False
+
+    c.serve_batch = idle  # type: ignore[method-assign]
+    task = await serving(c, stop)
+    await asyncio.wait_for(waiting.wait(), 2.0)
+    await redis.set(K.lease, "usurper", px=60_000)  # another took over
+    await ends_by_itself(task, stop, 0.2)  # well before the next lease refresh (0.5 s)
+    with pytest.raises(LeaseLost):
+        await task
+    assert no_tasks_but(asyncio.current_task()) == []
+
+
+async def test_a_redis_error_in_the_housekeeping_ends_serve_and_run_serves_afresh(
+    redis: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis restarted (the crash check's canary is gone): serve() raises it, as it did when
+    the check ran in its loop, and run() logs it and serves again: active once more."""
+    caplog.set_level(logging.INFO, "messenger.coordinator")
+    c = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(c.run(stop))
+    try:
+        for _ in range(200):
+            if c.crashes.canary_channel and c.active:
+                break
+            await asyncio.sleep(0.01)
+        canary = c.crashes._canary
+        assert canary is not None
+        await canary.unsubscribe()  # what a restart does to it
+        for _ in range(300):
+            if "retrying in" in caplog.text and caplog.text.count("is active") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert "lost this coordinator's subscription" in caplog.text
+        assert caplog.text.count("is active") >= 2
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 3.0)
+    assert no_tasks_but(asyncio.current_task()) == []
+
+
+async def test_a_failure_of_the_requests_ends_the_housekeeping(
+    redis: Any, settings: Settings
+) -> None:
+    c = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    in_sweep = asyncio.Event()
+    real_sweep = c.scripts.sweep
+
+    async def slow_sweep(*args: Any, **kwargs: Any) -> Any:
+        in_sweep.set()
+        await asyncio.sleep(0.05)
+        return await real_sweep(*args, **kwargs)
+
+    c.scripts.sweep = slow_sweep  # type: ignore[method-assign]
+    task = await serving(c, stop)
+    await asyncio.wait_for(in_sweep.wait(), 2.0)
+
+    async def broken() -> bool:
+        raise LeaseLost("found by the requests")
+
+    c.serve_batch = broken  # type: ignore[method-assign]
+    await ends_by_itself(task, stop, 0.2)  # without waiting for the sweep to end
+    with pytest.raises(LeaseLost, match="found by the requests"):
+        await task
+    assert no_tasks_but(asyncio.current_task()) == []
+
+
+async def test_a_cancellation_lost_by_the_requests_side_still_ends_serve(
+    redis: Any, settings: Settings
+) -> None:
+    """Python 3.11's wait_for drops a cancellation that comes as its wait ends (fakeredis and
+    redis-py wait with it): the request side sees for itself that the housekeeping failed."""
+    c = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    waiting, fail = asyncio.Event(), asyncio.Event()
+
+    async def deaf() -> bool:
+        if waiting.is_set():  # deaf once only, so that a failure here cannot hang the tests
+            await asyncio.sleep(3600)
+        waiting.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        return False
+
+    real_sweep = c.scripts.sweep
+
+    async def failing_sweep(*args: Any, **kwargs: Any) -> Any:
+        if fail.is_set():
+            raise RedisConnectionError("found by the housekeeping")
+        return await real_sweep(*args, **kwargs)
+
+    c.serve_batch = deaf  # type: ignore[method-assign]
+    c.scripts.sweep = failing_sweep  # type: ignore[method-assign]
+    task = await serving(c, stop)
+    await asyncio.wait_for(waiting.wait(), 2.0)
+    fail.set()
+    await ends_by_itself(task, stop, 1.0)
+    with pytest.raises(RedisConnectionError, match="found by the housekeeping"):
+        await task
+    assert no_tasks_but(asyncio.current_task()) == []
+
+
+async def test_a_cancellation_lost_by_the_housekeeping_still_ends_serve(
+    redis: Any, settings: Settings
+) -> None:
+    c = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    sweeping = asyncio.Event()
+    real_sweep = c.scripts.sweep
+    calls = 0
+
+    async def deaf_sweep(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the housekeeping's first: it does not hear its cancellation
+            sweeping.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+        return await real_sweep(*args, **kwargs)
+
+    c.scripts.sweep = deaf_sweep  # type: ignore[method-assign]
+    task = await serving(c, stop)
+    await asyncio.wait_for(sweeping.wait(), 2.0)
+
+    async def broken() -> bool:
+        raise RedisConnectionError("found by the requests")
+
+    c.serve_batch = broken  # type: ignore[method-assign]
+    await ends_by_itself(task, stop, 1.0)
+    with pytest.raises(RedisConnectionError, match="found by the requests"):
+        await task
+    assert no_tasks_but(asyncio.current_task()) == []
+
+
+async def test_stop_ends_serve_without_waiting_for_a_sweep(redis: Any, settings: Settings) -> None:
+    c = Coordinator(redis, settings)
+    stop = asyncio.Event()
+    sweeping = asyncio.Event()
+    real_sweep = c.scripts.sweep
+    calls = 0
+
+    async def hung_sweep(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            sweeping.set()
+            await asyncio.sleep(3600)
+        return await real_sweep(*args, **kwargs)
+
+    c.scripts.sweep = hung_sweep  # type: ignore[method-assign]
+    task = await serving(c, stop)
+    await asyncio.wait_for(sweeping.wait(), 2.0)
+    stop.set()
+    await asyncio.wait_for(task, 1.0)  # the request side ends at its next wait, and ends it
+    assert no_tasks_but(asyncio.current_task()) == []
