@@ -8,6 +8,11 @@ heartbeat keys (PEXPIRE). Each session has a key of its own (so its own inbox an
 a node and a name of its own; its inbox is subscribed on a shared pub/sub connection (thousands
 of channels each), confirmed before its logon is sent, as the protocol requires.
 
+The heartbeats run in a child process of their own (`python -m benchmarks.loadgen`): 10,000
+PEXPIREs a second cost some 15 % of a core in Python, in slices that held this process's event
+loop for 5-30 ms at a time, and the scale scenario's two latency clients run on that loop. Real
+clients each beat on their own; a message must not be timed behind the generator's own work.
+
 What it does not reproduce is what a client costs per connection: Redis's client structures
 and buffers, and the `control` channel's fan-out (one write per client per alive tick). The scale
 scenario says so next to its figures.
@@ -18,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +35,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from benchmarks.procs import cpu_seconds
+from messenger import wire
 from messenger.acl import heartbeat_url
 from messenger.connection import connect
 from messenger.keys import Keys
@@ -100,9 +109,8 @@ class LoadGenerator:
         self.wait_ms = wait_ms
         self.per_connection = per_connection
         self.redis = connect(client_url, socket_timeout=30.0, name="bench-loadgen")
-        self.hb_redis = connect(
-            heartbeat_url(client_url) or client_url, socket_timeout=30.0, name="bench-loadgen-hb"
-        )
+        self._hb_url = heartbeat_url(client_url) or client_url
+        self._beater: asyncio.subprocess.Process | None = None
         # No read timeout: a subscriber waits for as long as nothing is published.
         self._sub_redis = connect(client_url, socket_timeout=None, name="bench-loadgen-sub")
         self._pubsubs: list[PubSub] = []
@@ -175,6 +183,8 @@ class LoadGenerator:
         self._replies[word] += 1
         if word == "logged-on":
             self.live.append(session)
+            if self._beater is not None and self._beater.stdin is not None:
+                self._beater.stdin.write(f"{session.sid} {session.hb}\n".encode())
         if not self._pending:
             self._wave_done.set()
 
@@ -238,39 +248,47 @@ class LoadGenerator:
         result.logged_on = len(self.live)
         return result
 
-    # --- heartbeats -------------------------------------------------------------------------
+    # --- heartbeats ---------------------------------------------------------------------
 
-    def start_heartbeats(self) -> None:
-        self._tasks.append(asyncio.create_task(self._heartbeat()))
+    async def start_heartbeats(self) -> None:
+        """Start the heartbeat process: from now on every session that logs on is handed to
+        it, and it beats for it until close()."""
+        env = dict(os.environ, BENCH_HB_URL=self._hb_url)
+        self._beater = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            str(self.interval),
+            str(self.ttl_ms),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        for s in self.live:
+            assert self._beater.stdin is not None
+            self._beater.stdin.write(f"{s.sid} {s.hb}\n".encode())
+        self._tasks.append(asyncio.create_task(self._hear_beater(self._beater)))
 
-    async def _heartbeat(self) -> None:
-        """PEXPIRE every live session's heartbeat key once per interval, in slices every tick
-        on a fixed beat (round trips do not stretch the period)."""
-        loop = asyncio.get_running_loop()
-        tick = min(_TICK, self.interval / 10)
-        slices = max(1, round(self.interval / tick))
-        beat = loop.time()
-        round_of: list[Session] = []
-        k = 0
-        while True:
-            if k % slices == 0:  # a new round: whoever logged on meanwhile joins it
-                round_of = [s for s in self.live if s.sid not in self.lost]
-            n, i = len(round_of), k % slices
-            part = round_of[i * n // slices : (i + 1) * n // slices]
-            if part:
-                async with self.hb_redis.pipeline(transaction=False) as pipe:
-                    for s in part:
-                        pipe.pexpire(s.hb, self.ttl_ms)
-                    alive = await pipe.execute()
-                self.heartbeats += len(part)
-                for s, ok in zip(part, alive, strict=True):
-                    if not ok:  # removed by the coordinator: counted, never revived
-                        self.lost.add(s.sid)
-            k += 1
-            beat += tick
-            late = loop.time() - beat
-            self.heartbeat_late_max = max(self.heartbeat_late_max, late)
-            await asyncio.sleep(max(0.0, -late))
+    async def _hear_beater(self, beater: asyncio.subprocess.Process) -> None:
+        """What the heartbeat process says: `beats N LATE_S` now and then, `lost SID` for a
+        session whose key was gone (removed by the coordinator: counted, never revived)."""
+        assert beater.stdout is not None
+        while line := await beater.stdout.readline():
+            word, *rest = line.decode().split()
+            if word == "beats":
+                self.heartbeats = int(rest[0])
+                self.heartbeat_late_max = float(rest[1])
+            elif word == "lost":
+                self.lost.add(rest[0])
+        raise RuntimeError(f"the heartbeat process ended (exit {await beater.wait()})")
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process and of its heartbeat process so far."""
+        own = time.process_time()
+        if self._beater is not None and self._beater.returncode is None:
+            with contextlib.suppress(OSError):
+                own += cpu_seconds(self._beater.pid)
+        return own
 
     def check(self) -> None:
         """Raise if a background task (a reader, the heartbeat) has failed."""
@@ -284,13 +302,72 @@ class LoadGenerator:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2.0)
+        beater, self._beater = self._beater, None
+        if beater is not None and beater.returncode is None:
+            beater.terminate()  # ours, by its pid
+            try:
+                await asyncio.wait_for(beater.wait(), 5.0)
+            except TimeoutError:
+                beater.kill()
+                await beater.wait()
         for pubsub in self._pubsubs:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-        for redis in (self.redis, self.hb_redis, self._sub_redis):
+        for redis in (self.redis, self._sub_redis):
             with contextlib.suppress(Exception):
                 await redis.aclose()
 
 
 async def used_memory(admin: Redis) -> int:
     return int((await admin.info("memory"))["used_memory"])
+
+
+# --- the heartbeat process ------------------------------------------------------------------
+
+
+async def _beat(url: str, interval: float, ttl_ms: int) -> None:
+    """PEXPIRE every session's heartbeat key once per interval, in slices every tick on a fixed
+    beat (round trips do not stretch the period). Sessions come on stdin, `SID KEY` a line, and
+    join the next round; a key found gone is said on stdout (`lost SID`) and dropped."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    sessions: dict[str, str] = {}  # sid -> heartbeat key
+
+    async def read() -> None:
+        while line := await reader.readline():
+            sid, hb = line.decode().split()
+            sessions[sid] = hb
+
+    redis = connect(url, socket_timeout=30.0, name="bench-loadgen-hb")
+    reading = asyncio.create_task(read())
+    tick = min(_TICK, interval / 10)
+    slices = max(1, round(interval / tick))
+    beat = loop.time()
+    round_of: list[tuple[str, str]] = []
+    beats, late_max, k = 0, 0.0, 0
+    while not reading.done():  # until the parent is gone
+        if k % slices == 0:  # a new round: whoever logged on meanwhile joins it
+            round_of = list(sessions.items())
+        n, i = len(round_of), k % slices
+        part = round_of[i * n // slices : (i + 1) * n // slices]
+        if part:
+            # Packed by hiredis: half the CPU of redis-py's own pipeline.
+            alive = await wire.pipeline(redis, [["PEXPIRE", hb, str(ttl_ms)] for _, hb in part])
+            beats += len(part)
+            for (sid, _), ok in zip(part, alive, strict=True):
+                if isinstance(ok, Exception):
+                    raise ok
+                if not ok and sessions.pop(sid, None) is not None:
+                    print(f"lost {sid}")
+        print(f"beats {beats} {late_max:.4f}", flush=True)
+        k += 1
+        beat += tick
+        late = loop.time() - beat
+        late_max = max(late_max, late)
+        await asyncio.sleep(max(0.0, -late))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_beat(os.environ["BENCH_HB_URL"], float(sys.argv[1]), int(sys.argv[2])))

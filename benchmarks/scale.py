@@ -6,14 +6,16 @@
 Per size, on a fresh key prefix: a real coordinator (`python -m messenger server`, the admin URL
 and a client password, as deployed) and a load generator in this process (benchmarks/loadgen.py)
 that subscribes every session's inbox, logs them all on through the request queue with the
-client credential, and keeps their heartbeats. Then, with only heartbeats, sweeps and crash
-checks going:
+client credential, and keeps their heartbeats (from a child process of its own, so that the
+latency clients below do not share an event loop with 10,000 PEXPIREs a second). Then, with
+only heartbeats, sweeps and crash checks going:
 
 - coordinator CPU % (its /proc/<pid>/stat utime+stime) and Redis CPU % (INFO cpu,
   used_cpu_sys+used_cpu_user) over quiet windows of 10 s (quick: 3 s), one value per window;
-- the sweep: the Redis time of each of the coordinator's own sweep scripts, from SLOWLOG over a
-  short window with every command logged (SLOWLOG times execution only, not the socket I/O),
-  with the sessions that come due per sweep interval;
+- the sweep and the crash check: the Redis time of each of the coordinator's own sweep scripts
+  and crash-check NUMSUBs (what a request may wait behind in Redis), from SLOWLOG over a short
+  window with every command logged (SLOWLOG times execution only, not the socket I/O), with the
+  due sessions each sweep script looked at and those that come due per sweep interval;
 - Redis memory: per session overall ((used_memory after - before) / sessions: subscriptions,
   keys, done keys still alive); the inbox subscriptions alone (measured after subscribing,
   before any logon); the keys alone (MEMORY USAGE of sessions/names/nodes/users/deadlines, all
@@ -173,7 +175,7 @@ class _Run:
         await gen.subscribe(sessions, timeout=60.0 + n / 1000)
         subscribe_s = time.monotonic() - started
         mem1 = await used_memory(admin)
-        gen.start_heartbeats()
+        await gen.start_heartbeats()
         logons = await gen.logon(sessions, budget=_LOGON_BUDGET_S)
         gen.check()
         print(
@@ -235,12 +237,12 @@ class _Run:
         for _ in range(windows):
             s0 = await _commandstats(self.admin)
             c0, r0 = cpu_seconds(self.coordinator.pid), await _redis_cpu(self.admin)
-            g0, h0, t0 = time.process_time(), self.gen.heartbeats, time.monotonic()
+            g0, h0, t0 = self.gen.cpu_seconds(), self.gen.heartbeats, time.monotonic()
             await asyncio.sleep(window)
             wall = time.monotonic() - t0
             coordinator.append((cpu_seconds(self.coordinator.pid) - c0) / wall * 100)
             redis_.append((await _redis_cpu(self.admin) - r0) / wall * 100)
-            own.append((time.process_time() - g0) / wall * 100)
+            own.append((self.gen.cpu_seconds() - g0) / wall * 100)
             beats.append((self.gen.heartbeats - h0) / wall)
             for name, spent in (await _commandstats(self.admin)).items():
                 usec[name] += spent - s0.get(name, 0.0)
@@ -269,18 +271,19 @@ class _Run:
         )
         self.fig(
             "generator_cpu_pct",
-            "the load generator's own CPU (this process), % of one core",
+            "the load generator's own CPU (this process and its heartbeat process), % of one core",
             "%",
             own,
             notes=f"heartbeat slices late by {self.gen.heartbeat_late_max * 1000:.0f} ms at worst",
         )
 
     async def sweep_window(self, seconds: float) -> None:
-        """The Redis time of each of the coordinator's sweeps for `seconds`, and how many due
-        sessions each looked at, from SLOWLOG with every command logged: a script's own calls
-        are logged too (by its client, which has no socket: `?:0`), just before the script itself,
-        so the `HGET {p}:sessions` before a sweep are its due sessions. Logging each call adds
-        about a microsecond to the script: the times are upper bounds."""
+        """The Redis time of each of the coordinator's sweep scripts and crash-check NUMSUBs
+        for `seconds`, and how many due sessions each sweep script looked at, from SLOWLOG with
+        every command logged: a script's own calls are logged too (by its client, which has no
+        socket: `?:0`), just before the script itself, and each due session costs one `PTTL` of
+        its heartbeat key. Logging each call adds about a microsecond to the script: the times
+        are upper bounds. What blocks Redis longest is what a message may wait behind."""
         admin = self.admin
         names = {
             script.sha: name.lstrip("_")
@@ -302,16 +305,19 @@ class _Run:
             for key, value in old.items():
                 await admin.config_set(key, value)
             await admin.slowlog_reset()
-        sweeps, looked_at, inner = [], [], 0
+        sweeps, looked_at, numsubs, inner = [], [], [], 0
+        hb_prefix = self.keys.hb_prefix
         for _id, _at, duration, words, address, *_ in reversed(entries):  # oldest first
             command = str(words[0]).upper()
             if address in ("", "?:0"):  # a script's own call (its client has no socket)
-                inner += command == "HGET" and len(words) > 1 and words[1] == self.keys.sessions
-            elif command == "EVALSHA":
-                if names.get(str(words[1])) == "sweep":
-                    sweeps.append(int(duration) / 1000)
-                    looked_at.append(inner)
-                inner = 0
+                inner += command == "PTTL" and str(words[1]).startswith(hb_prefix)
+                continue
+            if command == "EVALSHA" and names.get(str(words[1])) == "sweep":
+                sweeps.append(int(duration) / 1000)
+                looked_at.append(inner)
+            elif command == "PUBSUB" and len(words) > 3:  # a crash check's chunk of inboxes
+                numsubs.append(int(duration) / 1000)
+            inner = 0
         now = await _redis_ms(admin)
         sweep_every = 0.25  # the coordinator's default MESSENGER_SWEEP_INTERVAL
         due_next = int(
@@ -326,17 +332,30 @@ class _Run:
             "ms",
             sweeps or [0.0],
             notes=(
-                f"{len(sweeps)} sweeps in {wall:.1f} s looked at {due} due sessions "
-                f"(at most {max(looked_at, default=0)} in one; the limit is 1000): "
-                f"{per_due:.1f} µs each; {due_next / 10:.0f} come due per sweep interval "
-                f"({sweep_every:g} s); {backlog} overdue at the end"
+                f"{len(sweeps)} sweep scripts in {wall:.1f} s looked at {due} due sessions "
+                f"(at most {max(looked_at, default=0)} in one): {per_due:.1f} µs each, "
+                f"{sum(sweeps) / wall:.1f} ms of Redis a second; {due_next / 10:.0f} come due "
+                f"per sweep interval ({sweep_every:g} s); {backlog} overdue at the end"
             ),
             extra={
                 "looked_at": looked_at,
                 "us_per_due_session": per_due,
+                "sweep_ms_per_s": sum(sweeps) / wall,
                 "due_per_sweep": due_next / 10,
                 "overdue": backlog,
+                "longest_ms": max(sweeps, default=0.0),
             },
+        )
+        self.fig(
+            "numsub_ms",
+            "Redis time of one crash-check PUBSUB NUMSUB (SLOWLOG, every command logged)",
+            "ms",
+            numsubs or [0.0],
+            notes=(
+                f"{len(numsubs)} in {wall:.1f} s, {sum(numsubs) / wall:.1f} ms of Redis a "
+                f"second; the longest {max(numsubs, default=0.0):.2f} ms"
+            ),
+            extra={"longest_ms": max(numsubs, default=0.0)},
         )
 
     async def memory(

@@ -17,9 +17,11 @@ reconnects it quietly), and every check counts its subscribers too: none means R
 connections, and the check raises RedisRestarted (a ConnectionError: the coordinator serves
 afresh, making the client users again on a Redis that lost them) instead of judging anyone.
 
-Cost: `PUBSUB NUMSUB` of live sessions' inboxes, sent as chunks in one write, every sweep
-interval (0.25 s by default): cheap dictionary lookups in Redis, and under 1 µs of Python per
-inbox in the coordinator (packed by hiredis, messenger/wire.py). So at most `most` inboxes are
+Cost: `PUBSUB NUMSUB` of live sessions' inboxes every sweep interval (0.25 s by default), in
+chunks of a few hundred, each its own round trip with the canary's count beside it: cheap
+dictionary lookups in Redis, and under 1 µs of Python per inbox in the coordinator (packed by
+hiredis, messenger/wire.py), so neither Redis nor the coordinator's loop is held up by a check
+for more than a fraction of a millisecond at a time. At most `most` inboxes are
 looked at per check, round-robin: up to 5,000 sessions every check sees them all; at 10,000 a
 round takes two checks (0.5 s), at 100,000 twenty (5 s) — the cost per check stays bounded, the
 detection time grows. `python -m benchmarks.crash_watch` measures it (figures in
@@ -40,7 +42,9 @@ from redis.exceptions import RedisError
 from messenger import wire
 from messenger.keys import Keys
 
-_CHUNK = 1000  # channels per NUMSUB command: a few tens of KiB per command
+# Channels per NUMSUB command, each command one round trip: about 0.2 ms of Redis and of the
+# coordinator's Python each (docs/scaling.md), so that a request never waits long behind one.
+_CHUNK = 500
 _SCAN = 1000
 
 
@@ -113,11 +117,11 @@ class CrashWatch:
         self._inboxes.pop(sid, None)
         self._seen.discard(sid)
 
-    def _next_slice(self) -> list[str]:
+    def _next_slice(self) -> list[tuple[str, str]]:
         if not self._round:
             self._round = list(self._inboxes)
         picked, self._round = self._round[: self.most], self._round[self.most :]
-        return [sid for sid in picked if sid in self._inboxes]
+        return [(sid, self._inboxes[sid]) for sid in picked if sid in self._inboxes]
 
     async def close(self) -> None:
         canary, self._canary = self._canary, None
@@ -128,13 +132,32 @@ class CrashWatch:
     async def suspects(self, redis: Redis) -> list[tuple[str, str]]:
         """(sid, inbox) of the sessions looked at whose inbox had a subscriber before and has
         none now; the caller removes them with a script that checks again, atomically.
-        Raises RedisRestarted if the canary's subscription is gone."""
-        sids = self._next_slice()
+        Raises RedisRestarted if the canary's subscription is gone.
+
+        Sessions log on and off while a check waits for Redis (the coordinator serves requests
+        meanwhile): a session no longer live with that inbox is left out of what it found."""
+        picked = self._next_slice()
+        found = []
+        # At least one round trip, for the canary's sake, even with nobody to look at.
+        for i in range(0, max(1, len(picked)), _CHUNK):
+            chunk = picked[i : i + _CHUNK]
+            counts = await self._counts(redis, [inbox for _, inbox in chunk])
+            for (sid, inbox), count in zip(chunk, counts, strict=True):
+                if self._inboxes.get(sid) != inbox:
+                    continue  # logged off (or removed) meanwhile
+                if count > 0:
+                    self._seen.add(sid)
+                elif sid in self._seen:
+                    found.append((sid, inbox))
+        return found
+
+    async def _counts(self, redis: Redis, inboxes: list[str]) -> list[int]:
+        """The subscriber count of each inbox, read in one round trip after the canary's: a
+        pooled connection that redis-py reconnected quietly (Redis restarted) since the last
+        chunk shows in the canary's count of the same write."""
         commands = [["PUBSUB", "NUMSUB", self._canary_channel]]
-        for i in range(0, len(sids), _CHUNK):
-            commands.append(
-                ["PUBSUB", "NUMSUB", *(self._inboxes[sid] for sid in sids[i : i + _CHUNK])]
-            )
+        if inboxes:
+            commands.append(["PUBSUB", "NUMSUB", *inboxes])
         # Packed by hiredis (messenger/wire.py): packing was most of what a check cost.
         canary, *replies = await wire.pipeline(redis, commands)
         for reply in (canary, *replies):
@@ -145,11 +168,4 @@ class CrashWatch:
                 "Redis lost this coordinator's subscription (it restarted or failed over)"
             )
         # Each reply is flat: channel, count, channel, count, ...
-        counts = [int(count) for reply in replies for count in reply[1::2]]
-        found = []
-        for sid, count in zip(sids, counts, strict=True):
-            if count > 0:
-                self._seen.add(sid)
-            elif sid in self._seen:
-                found.append((sid, self._inboxes[sid]))
-        return found
+        return [int(count) for reply in replies for count in reply[1::2]]

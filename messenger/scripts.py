@@ -25,6 +25,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from messenger import wire
+from messenger.crashes import RedisRestarted
 from messenger.errors import LeaseLost
 from messenger.keys import Keys
 from messenger.protocol import Request, heartbeat_id
@@ -255,20 +256,21 @@ return out
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
 # ARGV[1] coordinator id, [2] now ms or '', [3] limit, [4] gone-key prefix, [5] gone ttl ms,
 # [6] heartbeat-key prefix
-# Looks only at the sessions that are due: one whose heartbeat key still lives is due again
-# when that key would expire (its PTTL); one whose key is gone is logged off. So the cost grows
-# with the sessions due, not with all sessions, and clients write nothing but their own key.
-# A live session costs a PTTL and its share of one ZADD: its deadline's member names its
-# heartbeat key, so its record is not read (every live session is due about every TTL -
-# interval, so this is most of what the sweep does). Returns {sid, name, node, ...} of the
-# sessions removed.
+# Looks only at the sessions that are due, at most `limit` of them: one whose heartbeat key
+# still lives is due again when that key would expire (its PTTL); one whose key is gone is logged
+# off. So the cost grows with the sessions due, not with all sessions, and clients write nothing
+# but their own key. A live session costs a PTTL and its share of one ZADD: its deadline's
+# member names its heartbeat key, so its record is not read (every live session is due about
+# every TTL - interval, so this is most of what the sweep does). The caller keeps the limit
+# small and calls again while a call comes back full: Redis serves nobody else while a script
+# runs. Returns {looked at, sid, name, node, ...}: how many were due, then the sessions removed.
 _SWEEP = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
 local now = now_ms(ARGV[2])
 local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-local out, again = {}, {}
+local out, again = {#due}, {}
 for _, member in ipairs(due) do
   local sid, hb_id = string.match(member, '^([^:]+):([^:]+)$')
   local hb
@@ -296,16 +298,22 @@ return out
 """
 
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
-# ARGV[1] coordinator id, [2] gone-key prefix, [3] gone ttl ms, then pairs of sid, inbox.
+# ARGV[1] coordinator id, [2] gone-key prefix, [3] gone ttl ms, [4] the coordinator's canary
+# channel or '', then pairs of sid, inbox.
 # The crash fast path (messenger/crashes.py): each suspect is removed only if it still is that
-# session and its inbox still has no subscriber, checked here atomically. Returns {sid, what,
-# name, node, ...}: what is 'crashed' (removed), 'gone' (no such session) or 'alive'.
+# session and its inbox still has no subscriber, checked here atomically, and only while the
+# canary still has its subscriber: a Redis that restarted since the suspects were found has
+# every inbox empty, and nobody is judged by it. Returns {sid, what, name, node, ...}: what is
+# 'crashed' (removed), 'gone' (no such session) or 'alive'.
 _CRASHED = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
+if ARGV[4] ~= '' and redis.call('PUBSUB', 'NUMSUB', ARGV[4])[2] == 0 then
+  return redis.error_reply('NOCANARY the canary subscription is gone')
+end
 local out = {}
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local sid, inbox = ARGV[i], ARGV[i + 1]
   local raw = redis.call('HGET', KEYS[2], sid)
   local what, name, node = 'gone', '', ''
@@ -534,8 +542,10 @@ class Scripts:
         return (await self.batch(coordinator, jobs, now=now)).replies
 
     async def sweep(
-        self, coordinator: str, limit: int = 1000, now: int | None = None
-    ) -> list[tuple[str, str, str]]:
+        self, coordinator: str, limit: int = 100, now: int | None = None
+    ) -> tuple[int, list[tuple[str, str, str]]]:
+        """Look at up to `limit` due sessions (see _SWEEP); returns how many were due, and
+        (sid, name, node) of those logged off. Fewer than `limit` due: none is left."""
         k = self.keys
         flat = cast(
             Sequence[Any],
@@ -552,27 +562,37 @@ class Scripts:
                 ],
             ),
         )
-        return [(sid, name, node) for sid, name, node in _rows(flat, 3)]
+        removed = [(sid, name, node) for sid, name, node in _rows(flat[1:], 3)]
+        return int(flat[0]), removed
 
     async def crashed(
-        self, coordinator: str, suspects: Sequence[tuple[str, str]]
+        self, coordinator: str, suspects: Sequence[tuple[str, str]], canary: str = ""
     ) -> list[tuple[str, str, str, str]]:
         """Remove the suspects (sid, inbox) whose inbox still has no subscriber; returns
-        (sid, what, name, node) for each: what is `crashed`, `gone` or `alive`."""
+        (sid, what, name, node) for each: what is `crashed`, `gone` or `alive`. Raises
+        RedisRestarted, removing nobody, if `canary` (unless "") has no subscriber."""
         k = self.keys
-        flat = cast(
-            Sequence[Any],
-            await _run(
-                self._crashed,
-                keys=self._indexes(),
-                args=[
-                    coordinator,
-                    k.gone_prefix,
-                    str(self.gone_ttl_ms),
-                    *(item for pair in suspects for item in pair),
-                ],
-            ),
-        )
+        try:
+            flat = cast(
+                Sequence[Any],
+                await _run(
+                    self._crashed,
+                    keys=self._indexes(),
+                    args=[
+                        coordinator,
+                        k.gone_prefix,
+                        str(self.gone_ttl_ms),
+                        canary,
+                        *(item for pair in suspects for item in pair),
+                    ],
+                ),
+            )
+        except ResponseError as e:
+            if str(e).startswith("NOCANARY"):
+                raise RedisRestarted(
+                    "Redis lost this coordinator's subscription (it restarted or failed over)"
+                ) from None
+            raise
         return [(sid, what, name, node) for sid, what, name, node in _rows(flat, 4)]
 
     async def grant(self, coordinator: str, hb_keys: Sequence[str], ms: int) -> int:
