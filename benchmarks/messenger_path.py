@@ -36,8 +36,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
-
 from benchmarks._support import (
     PAYLOAD,
     Counter,
@@ -46,6 +44,9 @@ from benchmarks._support import (
     admin,
     percentile,
     poll_until,
+    process_cpu_seconds,
+    process_state,
+    redis_cpu_seconds,
     redis_ms,
     sample_roundtrips,
     send_all,
@@ -206,7 +207,7 @@ async def throughput(m: Messenger, shape: Shape) -> Figure:
     async def once(n: int) -> float:
         for counter in counters:
             counter.expect(n)
-        before = _cpu_seconds(pid)
+        before = process_cpu_seconds(pid)
         started = time.perf_counter()
         await asyncio.gather(
             *(
@@ -216,7 +217,7 @@ async def throughput(m: Messenger, shape: Shape) -> Figure:
         )
         await wait_all(counters, 60.0, "messages")
         rate = shape.pairs * n / (time.perf_counter() - started)
-        cpu.append((_cpu_seconds(pid) - before) / (shape.pairs * n) * 1e6)
+        cpu.append((process_cpu_seconds(pid) - before) / (shape.pairs * n) * 1e6)
         return rate
 
     try:
@@ -288,27 +289,6 @@ async def roundtrip(m: Messenger) -> list[Figure]:
     ]
 
 
-def _state(pid: int) -> str:
-    """The process's state letter from /proc (T: stopped)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0]
-
-
-def _cpu_seconds(pid: int) -> float:
-    """CPU time of a process so far: from the scheduler (ns) where the kernel says, else user
-    + system clock ticks (10 ms: coarse beside a drain of a few hundred ms)."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[0]) / 1e9
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _redis_cpu_seconds(redis: Redis) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
 async def capacity(m: Messenger) -> list[Figure]:
     """Requests already queued, drained as fast as the coordinator can; and what the drain cost
     the coordinator and Redis in CPU per request (steadier than rates on a shared machine)."""
@@ -344,12 +324,14 @@ async def capacity(m: Messenger) -> list[Figure]:
         assert coordinator is not None
         coordinator.signal(signal.SIGSTOP)
         try:
-            await poll_until(lambda: _state(coordinator.pid) == "T", 5.0, "the coordinator to stop")
+            await poll_until(
+                lambda: process_state(coordinator.pid) == "T", 5.0, "the coordinator to stop"
+            )
             async with m.admin.pipeline(transaction=False) as pipe:
                 for i in range(0, total, 500):
                     pipe.rpush(m.keys.requests, *entries[i : i + 500])
                 await pipe.execute()
-            cpu, redis_cpu = _cpu_seconds(coordinator.pid), await _redis_cpu_seconds(m.admin)
+            cpu, redis_cpu = process_cpu_seconds(coordinator.pid), await redis_cpu_seconds(m.admin)
         finally:
             coordinator.signal(signal.SIGCONT)
         started = time.perf_counter()
@@ -363,9 +345,9 @@ async def capacity(m: Messenger) -> list[Figure]:
 
         await poll_until(drained, 120.0, "the request queue to drain")
         rate = total / (time.perf_counter() - started)
-        cpu = _cpu_seconds(coordinator.pid) - cpu
+        cpu = process_cpu_seconds(coordinator.pid) - cpu
         # Includes the drained() polls (a few hundred LLENs): small beside the scripts.
-        redis_cpu = await _redis_cpu_seconds(m.admin) - redis_cpu
+        redis_cpu = await redis_cpu_seconds(m.admin) - redis_cpu
         await wait_all(counters, 30.0, "queued messages")  # all applied, none lost
         return rate, cpu / total * 1e6, redis_cpu / total * 1e6
 
