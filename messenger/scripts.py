@@ -534,13 +534,6 @@ class Scripts:
         ]
         return Batch(replies, int(items[n + 1]), items[n + 2 :])
 
-    async def requests(
-        self, coordinator: str, jobs: Sequence[Job], now: int | None = None
-    ) -> list[str | ResponseError]:
-        """Apply `jobs` in order in one round trip, the queue and the batch in flight untouched:
-        the reply word (or `expired`) of each, or the error it failed with."""
-        return (await self.batch(coordinator, jobs, now=now)).replies
-
     async def sweep(
         self, coordinator: str, limit: int = 100, now: int | None = None
     ) -> tuple[int, list[tuple[str, str, str]]]:
