@@ -2,10 +2,10 @@
 
 A client host holds a client credential, and its owner may use it with any Redis client, not
 only `messenger`. So the credential must allow exactly what a client needs: push requests (not
-read them), read the public user list, subscribe to inbox channels (whose names are secrets
-derived from session keys) and `control`, and refresh heartbeat keys (whose names are secrets
-too). No PUBLISH, no EVAL, no KEYS/SCAN/PUBSUB/PSUBSCRIBE/MONITOR, nothing of the coordinator's
-keys.
+read them), read the public user and server lists, subscribe to inbox channels (whose names are
+secrets derived from session keys), `control` and `presence`, and refresh heartbeat keys (whose
+names are secrets too). No PUBLISH, no EVAL, no KEYS/SCAN/PUBSUB/PSUBSCRIBE/MONITOR, nothing
+of the coordinator's keys.
 
 Redis 6.2 has no ACL selectors: a user's commands apply to all of its key patterns. A single user
 allowed both RPUSH (on the queue) and PEXPIRE (on heartbeat keys) could PEXPIRE the queue away,
@@ -61,8 +61,10 @@ def client_rules(keys: Keys) -> list[str]:
         "+time",
         f"~{keys.requests}",
         f"~{keys.users}",
+        f"~{keys.servers}",
         f"&{keys.inbox_prefix}*",
         f"&{keys.control}",
+        f"&{keys.presence}",
     ]
 
 
@@ -101,6 +103,7 @@ async def provision(redis: Redis, keys: Keys, password: str) -> bool:
     # The user list is a hash that is never empty, so a client's RPUSH can never turn it into
     # a list (which would make every logon fail with WRONGTYPE).
     await redis.hsetnx(keys.users, USERS_PLACEHOLDER, "{}")
+    await redis.hsetnx(keys.servers, USERS_PLACEHOLDER, "{}")  # the same for the servers list
     in_place = await redis.get(keys.acl) == wanted
     if in_place and all([await redis.acl_getuser(u) for u in (user, heartbeat_user(user))]):
         return False

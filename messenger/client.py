@@ -41,6 +41,8 @@ from messenger.protocol import (
     AliveEvent,
     Kind,
     MessageEvent,
+    PresenceEvent,
+    ReceiptEvent,
     Reply,
     ReplyEvent,
     Request,
@@ -86,6 +88,10 @@ class Client:
         name: the user to log on.
         out: where lines for the user go (the seed's io:format).
         clock: a fake clock for tests; None uses Redis's clock.
+        on_event: where incoming messages (and, with `presence`, presence events) go instead
+            of `out`, for programs (messenger.api) and the chat; whoever takes a message calls
+            acknowledge() once it has shown it, which is the sender's `delivered`.
+        presence: also listen to the public presence channel (logons and logoffs).
     """
 
     def __init__(
@@ -98,6 +104,8 @@ class Client:
         clock: Callable[[], int] | None = None,
         heartbeat_redis: Redis | None = None,
         hold_output: bool = False,
+        on_event: Callable[[MessageEvent | PresenceEvent], None] | None = None,
+        presence: bool = False,
     ) -> None:
         self.redis = redis
         # The heartbeat may go through a Redis user of its own (one that can refresh
@@ -108,9 +116,11 @@ class Client:
         self.node = validate_node(settings.node)
         self.keys = Keys(settings.prefix)
         self.out = out
+        self.on_event = on_event
         # Lines that came before whoever prints `logged-on` has printed it (a message may be
         # applied right after the logon, before its reply is even read): release_output().
-        self._held: list[str] | None = [] if hold_output else None
+        # Each with the id of the receipt it owes once printed ("": none).
+        self._held: list[tuple[str, str]] | None = [] if hold_output else None
         self.clock = clock
         self.sid = secrets.token_hex(16)  # names the session in requests; no secret
         # The session's secret: it signs every request and names the inbox and heartbeat key,
@@ -118,6 +128,12 @@ class Client:
         self.key = new_session_key()
         self.inbox = self.keys.inbox(inbox_id(self.key))
         self.hb_key = self.keys.hb(heartbeat_id(self.key))
+        self._channels = [self.inbox, self.keys.control]
+        if presence:
+            self._channels.append(self.keys.presence)
+        # msg id -> resolved True when its receiver's receipt comes, False when its wait ends.
+        self._receipts: dict[str, asyncio.Future[bool]] = {}
+        self._acks: set[asyncio.Task[None]] = set()  # receipts on their way to the coordinator
         self._clock_offset_ms = 0.0  # Redis's clock minus our monotonic one, from TIME
         # Until when a coordinator is known to be there (monotonic): its alive ticks and its
         # replies push this on; clients cannot read the lease itself.
@@ -168,8 +184,8 @@ class Client:
         """Log the user on; raises Rejected, NoConnection or NoResponse if that fails."""
         try:
             self._pubsub = self.redis.pubsub()
-            await self._pubsub.subscribe(self.inbox, self.keys.control)
-            await self._confirm_subscriptions(2)
+            await self._pubsub.subscribe(*self._channels)
+            await self._confirm_subscriptions(len(self._channels))
             await self._read_clock()
         except RedisError as e:
             raise NoConnection(f"Redis at {describe(self.redis)}: {explain(e)}") from None
@@ -228,8 +244,10 @@ class Client:
     def release_output(self) -> None:
         """Print what was held (hold_output=True) and everything from now on as it comes."""
         held, self._held = self._held, None
-        for line in held or ():
+        for line, msg_id in held or ():
             self.out(line)
+            if msg_id:
+                self.acknowledge(msg_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str, *, forever: bool = True) -> None:
         """Run a background task whose end, unless the client is stopping, stops the client:
@@ -259,8 +277,11 @@ class Client:
         return str(path)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._acks]:
             task.cancel()
+        for fut in self._receipts.values():
+            if not fut.done():
+                fut.set_result(False)
         if self._tasks:
             # Bounded: a task stuck in a Redis read that ignores cancellation (seen with
             # fakeredis's pub/sub) must not keep the client from closing; its connection is
@@ -384,6 +405,53 @@ class Client:
         validate_text(text, self.settings.max_message_bytes)
         return await self.request(self._new("message-to", to=to, text=text, wait_ms=wait_ms))
 
+    async def send_with_receipt(
+        self, to: str, text: str, *, receipt_ms: int, wait_ms: int = 0
+    ) -> tuple[Reply, asyncio.Future[bool] | None]:
+        """`message --wait`: send, and if `sent`, a future that becomes True when the
+        receiver's client has shown the message (its receipt came) or False when `receipt_ms`
+        pass first. No receipt is invented: only the receiver's own session can make one
+        (docs/protocol.md, "Receipts")."""
+        validate_name(to)
+        validate_text(text, self.settings.max_message_bytes)
+        request = self._new("message-to", to=to, text=text, wait_ms=wait_ms)
+        request = replace(request, receipt_ms=max(1, receipt_ms))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._receipts[request.req] = fut  # before the push: the receipt may come at once
+        timer = loop.call_later(receipt_ms / 1000, _settle, fut, False)
+
+        def settled(_: asyncio.Future[bool]) -> None:
+            timer.cancel()
+            self._receipts.pop(request.req, None)
+
+        fut.add_done_callback(settled)
+        try:
+            reply = await self.request(request)
+        except BaseException:
+            _settle(fut, False)
+            raise
+        if reply != Reply.SENT:
+            _settle(fut, False)
+            return reply, None
+        return reply, fut
+
+    def acknowledge(self, msg_id: str) -> None:
+        """The message `msg_id` has been shown: tell its sender (a `delivered` request, sent
+        without waiting for anything back; the coordinator answers receipts with nothing)."""
+        if not msg_id or self.finished.done():
+            return
+        request = replace(self._new("delivered"), msg=msg_id, sent_ms=self._redis_now())
+        task = asyncio.get_running_loop().create_task(self._push_receipt(request))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+
+    async def _push_receipt(self, request: Request) -> None:
+        try:
+            await self.redis.rpush(self.keys.requests, encode_request(request, self.key))
+        except RedisError as e:  # its sender then hears `not-delivered`; nothing else is lost
+            log.warning("could not send a receipt: %s", explain(e))
+
     async def logoff(self, *, wait_ms: int = 0) -> Reply:
         """Log off; the client stops cleanly whatever the server answers."""
         try:
@@ -475,8 +543,8 @@ class Client:
             # Closed first, so that no message can arrive twice (on the old and the new one).
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await asyncio.wait_for(old.aclose(), 0.5)  # type: ignore[no-untyped-call]
-        await self._pubsub.subscribe(self.inbox, self.keys.control)
-        await self._confirm_subscriptions(2)
+        await self._pubsub.subscribe(*self._channels)
+        await self._confirm_subscriptions(len(self._channels))
         # Subscribed: from now on a message may be `sent` to this connection, so it is the one
         # the reader reads, whatever fails next (a failed step below must not make a retry
         # throw it away with what it holds).
@@ -511,11 +579,22 @@ class Client:
             if fut is not None and not fut.done():
                 fut.set_result(event.reply)
         elif isinstance(event, MessageEvent):
+            if self.on_event is not None:
+                self.on_event(event)  # which acknowledges it once shown
+                return
             line = format_message(event.sender, event.text)
             if self._held is None:
                 self.out(line)
+                self.acknowledge(event.msg_id)
             else:
-                self._held.append(line)
+                self._held.append((line, event.msg_id))
+        elif isinstance(event, ReceiptEvent):
+            receipt = self._receipts.get(event.msg)
+            if receipt is not None:
+                _settle(receipt, True)
+        elif isinstance(event, PresenceEvent):
+            if self.on_event is not None:
+                self.on_event(event)
         elif isinstance(event, StoppingEvent):
             self.stop(NoConnection("the server stopped"))
 
@@ -613,6 +692,13 @@ class Client:
                 wait_ms = min(wait_ms, left) if wait_ms else left
             if req.op == "logoff":
                 reply = await self.logoff(wait_ms=wait_ms)
+            elif req.receipt_ms:
+                reply, receipt = await self.send_with_receipt(
+                    req.to, req.text, receipt_ms=req.receipt_ms, wait_ms=wait_ms
+                )
+                if receipt is not None:
+                    delivered = await receipt
+                    return {"reply": reply.value, "receipt": _receipt_word(delivered)}
             else:
                 reply = await self.send(req.to, req.text, wait_ms=wait_ms)
             return {"reply": reply.value}
@@ -622,6 +708,15 @@ class Client:
             log.error("a command from this node failed: %s: %s", type(e).__name__, e)
             log.debug("the failure", exc_info=True)
             return {"reply": f"this node's client failed: {type(e).__name__}", "exit": "1"}
+
+
+def _settle(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _receipt_word(delivered: bool) -> str:
+    return "delivered" if delivered else "not-delivered"
 
 
 class UserList(NamedTuple):

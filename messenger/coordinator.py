@@ -13,7 +13,9 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ _GRANT_CHUNK = 1000  # heartbeat keys per script after an outage
 # Due sessions per sweep script (about 6 µs of Redis each: under a millisecond a script), and
 # scripts per sweep at most, so that a backlog never keeps the crash check waiting for long.
 _SWEEP_CHUNK = 100
+_CLEAR_SECONDS = 5.0  # at most this long logging off every session when the last one stops
 _SWEEP_SCRIPTS = 100
 # Suspects per crash script: a removal costs some tens of µs of Redis.
 _CRASHED_CHUNK = 20
@@ -225,6 +228,7 @@ class Coordinator:
         self._reached_redis = False  # Redis answered since the last failure (see run)
         self._outage_began: float | None = None  # when Redis went away, until given back
         self._primary_check: asyncio.Task[PrimaryMoved | None] | None = None
+        self._started = time.time()
 
     def _now(self) -> int | None:
         return None if self.clock is None else self.clock()
@@ -239,8 +243,17 @@ class Coordinator:
         Encoded once: every batch carries it (the script ticks if someone logged on)."""
         return encode_event(AliveEvent(self.id, int(self.settings.coordinator_grace * 1000)))
 
+    @functools.cached_property
+    def _about(self) -> str:
+        """What this coordinator says of itself in the public servers hash (`messenger
+        status`): no secret, only where it runs and since when."""
+        started = int(self._started * 1000)
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started})
+
     async def try_acquire_lease(self) -> bool:
-        held = await self.scripts.lease_hold(self.id, self.settings.lease_ttl_ms, self._alive_event)
+        held = await self.scripts.lease_hold(
+            self.id, self.settings.lease_ttl_ms, self._alive_event, self._about
+        )
         self._reached_redis = True  # see run(): Redis answered, so a failure now is an outage
         return held
 
@@ -488,7 +501,9 @@ class Coordinator:
         A logon is not counted: it makes a new session (a new sid each time), so a limit per
         session cannot hold it; a limit on logons would be one more key space here (per node,
         or one bucket for every logon)."""
-        if r.kind == "logon":
+        if r.kind in ("logon", "delivered"):
+            # A receipt is not counted either: a session gets one per message it is sent, so
+            # anyone could make it spend its allowance on them by messaging it.
             return False
         return not self.limiter.allow(r.sid)
 
@@ -715,6 +730,23 @@ class Coordinator:
             log.info("lease given up; a standby takes over (%d alive)", standbys)
         elif standbys == 0:
             log.info("no standby is left: told every client that the server stops")
+            await self._clear()
+
+    async def _clear(self) -> None:
+        """The last coordinator stopped and its clients with it: log their sessions off
+        (presence says `server`), in scripts of a few, for a few seconds at most."""
+        deadline = time.monotonic() + _CLEAR_SECONDS
+        removed = 0
+        try:
+            while time.monotonic() < deadline:
+                n = await self.scripts.clear(_SWEEP_CHUNK)
+                removed += max(n, 0)
+                if n < _SWEEP_CHUNK:
+                    break
+        except RedisError as e:
+            log.warning("could not log off the sessions of the stopped server: %s", e)
+        if removed:
+            log.info("logged off %d sessions: the server stopped", removed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """serve() until stopped; a lost Redis or lease is logged and retried, never fatal.

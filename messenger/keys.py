@@ -11,6 +11,9 @@ coordinator's alone.
     {p}:hb:{hb id}      STRING with a PX TTL, refreshed by its client   the heartbeat key
     {p}:inbox:{inbox id} CHANNEL replies and messages for one session
     {p}:control         CHANNEL coordinator -> every client (alive ticks, server stopping)
+    {p}:presence        CHANNEL coordinator -> anyone: each logon and logoff, with its reason
+    {p}:servers         HASH  coordinator id -> JSON {"host", "pid", "started", "until",
+                        "active", "since"}: who serves and who stands by (status, health)
     {p}:canary:{id}     CHANNEL a coordinator's own subscription: gone means Redis restarted
 
     coordinator-only, private:
@@ -22,6 +25,8 @@ coordinator's alone.
     {p}:gone:{sid}      STRING JSON {"key", "inbox"} of a removed session, for a while: its
                         client's late requests still get `you-are-not-logged-on`
     {p}:done:{req}      STRING the reply to a request already applied      makes requests idempotent
+    {p}:rcpt:{req}      STRING `<receiver sid> <sender inbox>` of a message whose sender waits
+                        for a receipt; only that receiver's `delivered` consumes it
     {p}:lease           STRING coordinator id with a PX TTL                 who is the active server
     {p}:coordinators    ZSET  coordinator id scored by until when it is alive (ms): the active
                         one and its standbys, so a coordinator that stops knows if one takes over
@@ -69,6 +74,14 @@ class Keys:
     def control(self) -> str:
         return f"{self.prefix}:control"
 
+    @property
+    def presence(self) -> str:
+        return f"{self.prefix}:presence"
+
+    @property
+    def servers(self) -> str:
+        return f"{self.prefix}:servers"
+
     def canary(self, coordinator_id: str) -> str:
         return f"{self.prefix}:canary:{coordinator_id}"
 
@@ -107,6 +120,13 @@ class Keys:
 
     def done(self, req_id: str) -> str:
         return f"{self.prefix}:done:{req_id}"
+
+    @property
+    def receipt_prefix(self) -> str:
+        return f"{self.prefix}:rcpt:"
+
+    def receipt(self, msg_id: str) -> str:
+        return self.receipt_prefix + msg_id
 
     @property
     def lease(self) -> str:

@@ -41,8 +41,9 @@ _WAIT_RE = re.compile(r"[0-9]{1,7}")  # milliseconds, under 3 hours: waits and T
 
 # --- requests (client -> coordinator, signed queue entries) -------------------------------------
 
-Kind = Literal["logon", "message-to", "logoff"]
-KINDS: tuple[Kind, ...] = ("logon", "message-to", "logoff")
+# `delivered` is a receiver's receipt for a message it printed (docs/protocol.md, "Receipts").
+Kind = Literal["logon", "message-to", "logoff", "delivered"]
+KINDS: tuple[Kind, ...] = ("logon", "message-to", "logoff", "delivered")
 
 _KEY_RE = re.compile(r"[0-9a-f]{64}")  # a session's secret: 256 random bits
 _TIME_RE = re.compile(r"[0-9]{1,15}")  # milliseconds since the epoch
@@ -105,6 +106,10 @@ class Request:
     ttl_ms: int = 0
     # logon: the new session's secret key (the request is signed with it too).
     key: str = ""
+    # message-to: how long (ms) the sender waits for the receiver's receipt; 0: it wants none.
+    receipt_ms: int = 0
+    # delivered: the message it is the receipt for (that message's request id).
+    msg: str = ""
 
     def payload(self) -> str:
         """The signed part of the entry: compact JSON, string values only."""
@@ -117,6 +122,10 @@ class Request:
                 out["ttl"] = str(self.ttl_ms)
         elif self.kind == "message-to":
             out |= {"to": self.to, "text": self.text}
+            if self.receipt_ms:
+                out["rc"] = str(self.receipt_ms)
+        elif self.kind == "delivered":
+            out["msg"] = self.msg
         return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -192,8 +201,14 @@ def decode_request(entry: str, max_text_bytes: int) -> SignedRequest:
                 sid,
                 to=validate_name(_field(fields, "to", "message")),
                 text=validate_text(_field(fields, "text", "message"), max_text_bytes),
+                receipt_ms=_number(fields, "rc", _WAIT_RE, "0"),
                 **common,
             )
+        elif kind == "delivered":
+            msg = fields.get("msg")
+            if not isinstance(msg, str) or not _ID_RE.fullmatch(msg):
+                raise ProtocolError("receipt without a valid msg id")
+            request = Request(kind, req, sid, msg=msg, **common)
         else:
             request = Request(kind, req, sid, **common)
     except InvalidInput as e:
@@ -214,6 +229,36 @@ class ReplyEvent:
 class MessageEvent:
     sender: str
     text: str
+    # The message's id when its sender asked for a receipt: the receiving client sends a
+    # `delivered` request with it once it has shown the message ("": no receipt wanted).
+    msg_id: str = ""
+
+
+@dataclass(frozen=True)
+class ReceiptEvent:
+    """To a sender: the receiver's client showed message `msg` (its request id). Only the
+    coordinator publishes it, and only for the session the message went to."""
+
+    msg: str
+
+
+PresenceKind = Literal["logon", "logoff"]
+# Why a session ended: its user logged off; its heartbeat stopped (hung, cut off); its client's
+# connection closed (a crash); a new logon found it dead and took its name or node; the server
+# stopped with no standby to take over.
+REASONS = ("logoff", "timeout", "crash", "replaced", "server")
+
+
+@dataclass(frozen=True)
+class PresenceEvent:
+    """On `{p}:presence`, public: a user logged on or off, and why. No secret: no session id,
+    key or inbox; only what the public user list shows anyway."""
+
+    kind: PresenceKind
+    name: str
+    node: str
+    at_ms: int  # when, on Redis's clock (ms since the epoch)
+    reason: str = ""  # for a logoff: one of REASONS
 
 
 @dataclass(frozen=True)
@@ -233,14 +278,21 @@ class AliveEvent:
     within_ms: int
 
 
-Event = ReplyEvent | MessageEvent | StoppingEvent | AliveEvent
+Event = ReplyEvent | MessageEvent | StoppingEvent | AliveEvent | ReceiptEvent | PresenceEvent
 
 
 def encode_event(event: Event) -> str:
     if isinstance(event, ReplyEvent):
         return json.dumps({"t": "reply", "req": event.req, "r": event.reply.value})
     if isinstance(event, MessageEvent):
-        return json.dumps({"t": "msg", "from": event.sender, "text": event.text})
+        msg = {"t": "msg", "from": event.sender, "text": event.text}
+        return json.dumps(msg | ({"id": event.msg_id} if event.msg_id else {}))
+    if isinstance(event, ReceiptEvent):
+        return json.dumps({"t": "receipt", "msg": event.msg})
+    if isinstance(event, PresenceEvent):
+        presence = {"t": "presence", "ev": event.kind, "name": event.name, "node": event.node}
+        presence["at"] = str(event.at_ms)
+        return json.dumps(presence | ({"reason": event.reason} if event.reason else {}))
     if isinstance(event, AliveEvent):
         return json.dumps(
             {"t": "alive", "coordinator": event.coordinator, "within": str(event.within_ms)}
@@ -279,7 +331,17 @@ def decode_event(data: str | bytes) -> Event:
             raise ProtocolError(f"unknown reply {printable(word[:40])!r}") from None
         return ReplyEvent(_field(obj, "req", "reply"), reply)
     if t == "msg":
-        return MessageEvent(_field(obj, "from", "message"), _field(obj, "text", "message"))
+        msg_id = obj.get("id", "")
+        if not isinstance(msg_id, str) or (msg_id and not _ID_RE.fullmatch(msg_id)):
+            raise ProtocolError("message with a bad id")
+        return MessageEvent(_field(obj, "from", "message"), _field(obj, "text", "message"), msg_id)
+    if t == "receipt":
+        msg = _field(obj, "msg", "receipt")
+        if not _ID_RE.fullmatch(msg):
+            raise ProtocolError("receipt with a bad msg id")
+        return ReceiptEvent(msg)
+    if t == "presence":
+        return _presence(obj)
     if t == "stopping":
         return StoppingEvent(_field(obj, "coordinator", "stopping event"))
     if t == "alive":
@@ -288,6 +350,20 @@ def decode_event(data: str | bytes) -> Event:
             raise ProtocolError(f"bad alive interval {printable(within[:20])!r}")
         return AliveEvent(_field(obj, "coordinator", "alive event"), int(within))
     raise ProtocolError(f"unknown event type {printable(str(t)[:40])!r}")
+
+
+def _presence(obj: dict[str, Any]) -> PresenceEvent:
+    kind = obj.get("ev")
+    if kind not in ("logon", "logoff"):
+        raise ProtocolError(f"unknown presence event {printable(str(kind)[:20])!r}")
+    at = _field(obj, "at", "presence event")
+    if not _TIME_RE.fullmatch(at):
+        raise ProtocolError(f"bad presence time {printable(at[:20])!r}")
+    reason = obj.get("reason", "")
+    if kind == "logoff" and reason not in REASONS:
+        raise ProtocolError(f"unknown logoff reason {printable(str(reason)[:20])!r}")
+    name, node = _field(obj, "name", "presence event"), _field(obj, "node", "presence event")
+    return PresenceEvent(kind, name, node, int(at), reason if kind == "logoff" else "")
 
 
 def decode_user(node_json: str | bytes) -> str:
@@ -309,6 +385,9 @@ class LocalRequest:
     # command and its client share; 0: not said). A client that reads the request late (it
     # hung) must not send what its command has given up on.
     until_ms: int = 0
+    # message: how long to wait, after `sent`, for the receiver's receipt (`message --wait`);
+    # the answer then says "receipt": "delivered" or "not-delivered". 0: no receipt.
+    receipt_ms: int = 0
 
 
 _UNTIL_RE = re.compile(r"[0-9]{1,16}")
@@ -326,7 +405,10 @@ def decode_local_request(line: bytes) -> LocalRequest:
     op = obj.get("op")
     if op == "message":
         to, text = _field(obj, "to", "message"), _field(obj, "text", "message")
-        return LocalRequest("message", to, text, int(wait), int(until))
+        receipt = obj.get("receipt_ms", "0")
+        if not isinstance(receipt, str) or not _WAIT_RE.fullmatch(receipt):
+            raise ProtocolError(f"bad receipt_ms {printable(str(receipt)[:20])!r}")
+        return LocalRequest("message", to, text, int(wait), int(until), int(receipt))
     if op in ("logoff", "ping"):
         return LocalRequest(op, wait_ms=int(wait), until_ms=int(until))
     raise ProtocolError(f"unknown local op {printable(str(op)[:40])!r}")

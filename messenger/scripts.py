@@ -55,11 +55,32 @@ end
 local function deadline_member(sid, hb_key)
   return sid .. ':' .. string.match(hb_key, '([^:]+)$')
 end
+-- The public presence channel ('': say nothing), set by each script from its arguments.
+local PRESENCE = ''
+-- A logon or logoff, for anyone listening: only what the public user list shows (name, node,
+-- when) and why it ended, never a session's id, key or inbox. Built by hand where the name and
+-- node are what the rules allow (protocol.NAME_RULE, NODE_RULE), by cjson otherwise.
+local function announce(kind, name, node, now, reason)
+  if PRESENCE == '' then return end
+  local event
+  if string.match(name, '^[%w_.-]+$') and string.match(node, '^[%w_.@-]+$') then
+    event = '{"t":"presence","ev":"' .. kind .. '","name":"' .. name .. '","node":"' .. node
+            .. '","at":"' .. now .. '"'
+    if reason then event = event .. ',"reason":"' .. reason .. '"' end
+    event = event .. '}'
+  else
+    event = cjson.encode({t = 'presence', ev = kind, name = name, node = node,
+                          at = tostring(now), reason = reason})
+  end
+  redis.call('PUBLISH', PRESENCE, event)
+end
 -- Remove one session from every index; names/nodes/users entries are only removed if they
 -- still point at this sid, so an old session can never take a newer owner's entry with it.
 -- Its key and inbox are kept for a while under gone:<sid>, so that its client's late
--- requests can still be verified and told `you-are-not-logged-on`.
-local function remove_session(sessions, names, nodes, users, deadlines, sid, gone, gone_ttl)
+-- requests can still be verified and told `you-are-not-logged-on`. `reason` (protocol.REASONS)
+-- goes out on the presence channel if the user left the user list.
+local function remove_session(sessions, names, nodes, users, deadlines, sid, gone, gone_ttl,
+                              reason, now)
   local raw = redis.call('HGET', sessions, sid)
   if not raw then return nil end
   local s = record(raw)
@@ -67,13 +88,17 @@ local function remove_session(sessions, names, nodes, users, deadlines, sid, gon
   if redis.call('HGET', names, name) == sid then
     redis.call('HDEL', names, name)
     redis.call('HDEL', users, name)
+    announce('logoff', name, node, now, reason)
   end
   if redis.call('HGET', nodes, node) == sid then redis.call('HDEL', nodes, node) end
   redis.call('HDEL', sessions, sid)
   -- Its deadline: `<sid>:<heartbeat id>` (deadline_member), or the bare sid of older versions.
   if s.hb then redis.call('ZREM', deadlines, deadline_member(sid, s.hb)) end
   redis.call('ZREM', deadlines, sid)
-  if s.hb then redis.call('DEL', s.hb) end
+  -- (When the server stops, its clients have just been told so: a heartbeat key deleted under
+  -- them could make one say `you-are-not-logged-on` instead of `noconnection`. Those keys
+  -- expire within a TTL.)
+  if s.hb and reason ~= 'server' then redis.call('DEL', s.hb) end
   if s.key and s.inbox then
     redis.call('SET', gone .. sid, cjson.encode({key = s.key, inbox = s.inbox}), 'PX', gone_ttl)
   end
@@ -85,11 +110,13 @@ end
 # [8] inflight, then the `done` key of each request, in order.
 # ARGV[1] coordinator id, [2] now ms or '', [3] gone-key prefix, [4] gone ttl ms, [5] max ms in
 # the future, [6] entries to trim from inflight, [7] most entries to take, [8] most bytes to take,
-# [9] longest entry, [10] control channel, [11] alive event, [12] requests n, [13] refusals m;
-# then m pairs (inbox, refusal event) and the n requests, each: kind ('L', 'M' or 'O'), req id,
-# sent ms, max age ms, reply channel, sid, then the kind's own:
+# [9] longest entry, [10] control channel, [11] alive event, [12] requests n, [13] refusals m,
+# [14] presence channel, [15] receipt-key prefix; then m pairs (inbox, refusal event) and the n
+# requests, each: kind ('L', 'M', 'W', 'O' or 'D'), req id, sent ms, max age ms, reply channel,
+# sid, then the kind's own:
 #   L: name, node, heartbeat ttl ms, key, heartbeat key;  M: the sender's name, to, text as a
-#   JSON string;  O: none.
+#   JSON string;  W (a message whose sender waits for a receipt): as M, then the receipt's ttl
+#   ms;  O: none;  D (a receipt): the message's id.
 #
 # One batch of the coordinator's, all in one atomic step: apply its requests in order, publish
 # its refusals, forget (trim) the entries it came from, and take the next batch. So a batch
@@ -104,6 +131,8 @@ end
 local S, NAMES, NODES, USERS, DEADLINES = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now = now_ms(ARGV[2])
 local gone, gone_ttl, skew = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+PRESENCE = ARGV[14]
+local RECEIPTS = ARGV[15]
 
 -- Built by hand, not by cjson: req ids are hex and replies are fixed words (protocol.py).
 local function reply_event(req, word)
@@ -121,7 +150,7 @@ local function taken(owner)
   if not raw then return false end
   local inbox = record(raw).inbox
   if inbox and redis.call('PUBSUB', 'NUMSUB', inbox)[2] > 0 then return true end
-  remove_session(S, NAMES, NODES, USERS, DEADLINES, owner, gone, gone_ttl)
+  remove_session(S, NAMES, NODES, USERS, DEADLINES, owner, gone, gone_ttl, 'replaced', now)
   return false
 end
 
@@ -138,6 +167,7 @@ local function logon(sid, name, node, ttl, key, inbox, hb)
   redis.call('HSET', USERS, name, cjson.encode({node=node, since=now}))
   redis.call('ZADD', DEADLINES, now + ttl, deadline_member(sid, hb))
   redis.call('SET', hb, '1', 'PX', ttl)
+  announce('logon', name, node, now)
   return 'logged-on'
 end
 
@@ -149,8 +179,10 @@ local function inbox_of(raw)
 end
 
 -- The sender's name comes from the coordinator (from the session's record or its logon): the
--- session only has to be there still.
-local function message(sid, from, to, text_json)
+-- session only has to be there still. With `receipt_ttl` the sender waits for a receipt: the
+-- message carries its id (the request's), and `rcpt:<id>` remembers, for that long, which
+-- session it went to and where the receipt goes; only that session can consume it (delivered).
+local function message(sid, req, reply_to, from, to, text_json, receipt_ttl)
   if redis.call('HEXISTS', S, sid) == 0 then return 'you-are-not-logged-on' end
   local to_sid = redis.call('HGET', NAMES, to)
   local to_raw = to_sid and redis.call('HGET', S, to_sid)
@@ -159,16 +191,34 @@ local function message(sid, from, to, text_json)
   -- A name is letters, digits and `_.-` (protocol.NAME_RULE), so it needs no JSON escaping;
   -- one that is not (a corrupt record) is not quoted.
   if not string.match(from, '^[%w_.-]+$') then from = '?' end
-  local event = '{"t":"msg","from":"' .. from .. '","text":' .. text_json .. '}'
+  local id = ''
+  if receipt_ttl then id = ',"id":"' .. req .. '"' end
+  local event = '{"t":"msg","from":"' .. from .. '","text":' .. text_json .. id .. '}'
   local n = redis.call('PUBLISH', inbox, event)
   -- PUBLISH counts the subscribers that got it: 0 means the receiver's client is gone,
   -- and a message that reached nobody is never reported sent.
-  if n > 0 then return 'sent' end
-  return 'receiver-not-found'
+  if n == 0 then return 'receiver-not-found' end
+  if receipt_ttl then
+    redis.call('SET', RECEIPTS .. req, to_sid .. ' ' .. reply_to, 'PX', receipt_ttl)
+  end
+  return 'sent'
+end
+
+-- A receipt: session `sid` says it showed message `msg`. Told to the message's sender only if
+-- the message went to this very session (a session that did not get it cannot make one up)
+-- and the sender still waits; once. No reply and no `done` key: a receipt answers nothing.
+local function delivered(sid, msg)
+  local raw = redis.call('GET', RECEIPTS .. msg)
+  if not raw then return 'no-receipt' end
+  local to_sid, sender_inbox = string.match(raw, '^(%x+) (.+)$')
+  if to_sid ~= sid then return 'not-yours' end
+  redis.call('DEL', RECEIPTS .. msg)
+  redis.call('PUBLISH', sender_inbox, '{"t":"receipt","msg":"' .. msg .. '"}')
+  return 'delivered'
 end
 
 local function logoff(sid)
-  if remove_session(S, NAMES, NODES, USERS, DEADLINES, sid, gone, gone_ttl) then
+  if remove_session(S, NAMES, NODES, USERS, DEADLINES, sid, gone, gone_ttl, 'logoff', now) then
     return 'logged-off'
   end
   return 'not-logged-on'
@@ -178,6 +228,7 @@ end
 -- sender still waits for it and if it does not claim to come from the future.
 local function apply(done_key, at)
   local kind, req, reply_to = ARGV[at], ARGV[at + 1], ARGV[at + 4]
+  if kind == 'D' then return delivered(ARGV[at + 5], ARGV[at + 6]) end
   local done = redis.call('GET', done_key)
   if done then
     if done ~= 'expired' then redis.call('PUBLISH', reply_to, reply_event(req, done)) end
@@ -195,7 +246,10 @@ local function apply(done_key, at)
     reply = logon(sid, ARGV[at + 6], ARGV[at + 7], tonumber(ARGV[at + 8]), ARGV[at + 9],
                   reply_to, ARGV[at + 10])
   elseif kind == 'M' then
-    reply = message(sid, ARGV[at + 6], ARGV[at + 7], ARGV[at + 8])
+    reply = message(sid, req, reply_to, ARGV[at + 6], ARGV[at + 7], ARGV[at + 8])
+  elseif kind == 'W' then
+    reply = message(sid, req, reply_to, ARGV[at + 6], ARGV[at + 7], ARGV[at + 8],
+                    tonumber(ARGV[at + 9]))
   else
     reply = logoff(sid)
   end
@@ -205,8 +259,8 @@ local function apply(done_key, at)
 end
 
 local n, m = tonumber(ARGV[12]), tonumber(ARGV[13])
-local out, at, logged_on = {n}, 14 + 2 * m, false
-local width = {L = 11, M = 9, O = 6}
+local out, at, logged_on = {n}, 16 + 2 * m, false
+local width = {L = 11, M = 9, W = 10, O = 6, D = 7}
 for r = 1, n do
   local ok, reply = pcall(apply, KEYS[8 + r], at)
   if not ok then
@@ -217,7 +271,7 @@ for r = 1, n do
   table.insert(out, reply)
   at = at + (width[ARGV[at]] or 6)
 end
-for i = 14, 13 + 2 * m, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
+for i = 16, 15 + 2 * m, 2 do redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) end
 -- A tick, so that new clients learn at once how long they may go without one.
 if logged_on and ARGV[11] ~= '' then redis.call('PUBLISH', ARGV[10], ARGV[11]) end
 
@@ -255,7 +309,7 @@ return out
 
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
 # ARGV[1] coordinator id, [2] now ms or '', [3] limit, [4] gone-key prefix, [5] gone ttl ms,
-# [6] heartbeat-key prefix
+# [6] heartbeat-key prefix, [7] presence channel
 # Looks only at the sessions that are due, at most `limit` of them: one whose heartbeat key
 # still lives is due again when that key would expire (its PTTL); one whose key is gone is logged
 # off. So the cost grows with the sessions due, not with all sessions, and clients write nothing
@@ -269,6 +323,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
 end
 local now = now_ms(ARGV[2])
+PRESENCE = ARGV[7]
 local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 local out, again = {#due}, {}
 for _, member in ipairs(due) do
@@ -286,7 +341,7 @@ for _, member in ipairs(due) do
     table.insert(again, now + left); table.insert(again, member)
   else
     local s = remove_session(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], sid,
-                             ARGV[4], tonumber(ARGV[5]))
+                             ARGV[4], tonumber(ARGV[5]), 'timeout', now)
     redis.call('ZREM', KEYS[6], member)
     if s then
       table.insert(out, sid); table.insert(out, s.name); table.insert(out, s.node)
@@ -299,7 +354,7 @@ return out
 
 # KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines
 # ARGV[1] coordinator id, [2] gone-key prefix, [3] gone ttl ms, [4] the coordinator's canary
-# channel or '', then pairs of sid, inbox.
+# channel or '', [5] presence channel, then pairs of sid, inbox.
 # The crash fast path (messenger/crashes.py): each suspect is removed only if it still is that
 # session and its inbox still has no subscriber, checked here atomically, and only while the
 # canary still has its subscriber: a Redis that restarted since the suspects were found has
@@ -312,8 +367,10 @@ end
 if ARGV[4] ~= '' and redis.call('PUBSUB', 'NUMSUB', ARGV[4])[2] == 0 then
   return redis.error_reply('NOCANARY the canary subscription is gone')
 end
+PRESENCE = ARGV[5]
+local now = now_ms(nil)
 local out = {}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local sid, inbox = ARGV[i], ARGV[i + 1]
   local raw = redis.call('HGET', KEYS[2], sid)
   local what, name, node = 'gone', '', ''
@@ -322,7 +379,7 @@ for i = 5, #ARGV, 2 do
       what = 'alive'
     else
       local s = remove_session(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], sid,
-                               ARGV[2], tonumber(ARGV[3]))
+                               ARGV[2], tonumber(ARGV[3]), 'crash', now)
       what, name, node = 'crashed', s.name, s.node
     end
   end
@@ -350,34 +407,52 @@ end
 return n
 """
 
-# KEYS[1] lease, [2] control channel, [3] coordinators
-# ARGV[1] coordinator id, [2] ttl ms, [3] alive event.
+# KEYS[1] lease, [2] control channel, [3] coordinators, [4] servers
+# ARGV[1] coordinator id, [2] ttl ms, [3] alive event, [4] what the coordinator says of itself
+# (a JSON object: host, pid, started).
 # Every coordinator, active or standby, says here that it is alive until now + ttl. Then it takes
 # the lease if nobody holds it, renews it if it holds it; returns 1 if it holds it now, and then
-# the tick tells every client that a coordinator is there.
+# the tick tells every client that a coordinator is there. The public `servers` hash says the
+# same for `messenger status` and `health` (clients cannot read the lease): each coordinator's
+# entry, its `until` and whether it is the active one (and since when, Redis's clock), written
+# in the same step as the lease itself, so `active` with a future `until` means the lease is held.
 _LEASE_HOLD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+local until_ms = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[3], until_ms, ARGV[1])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('HDEL', KEYS[4], gone)
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+-- Never empty, so a client's RPUSH cannot make it a list (acl.py: a client may name it).
+redis.call('HSETNX', KEYS[4], '', '{}')
 local holder = redis.call('GET', KEYS[1])
+local since = ''
 if not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-elseif holder ~= ARGV[1] then
-  return 0
+  since = now
+elseif holder == ARGV[1] then
+  since = string.match(redis.call('HGET', KEYS[4], ARGV[1]) or '', '"since":"(%d+)"') or now
 end
+local active = 'false'
+if since ~= '' then active = 'true' end
+redis.call('HSET', KEYS[4], ARGV[1], '{"until":"' .. until_ms .. '","active":' .. active
+           .. ',"since":"' .. since .. '",' .. string.sub(ARGV[4], 2))
+if holder and holder ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 return 1
 """
 
-# KEYS[1] lease, [2] control channel, [3] coordinators; ARGV[1] coordinator id, [2] stopping
-# event. A coordinator that stops leaves the list; if it held the lease it gives it up, and
-# tells the clients to stop only when no standby is there to take over (then a standby takes
+# KEYS[1] lease, [2] control channel, [3] coordinators, [4] servers; ARGV[1] coordinator id,
+# [2] stopping event. A coordinator that stops leaves the list; if it held the lease it gives it
+# up, and tells the clients to stop only when no standby is there to take over (then a standby takes
 # the lease at its next poll, and the clients never notice). Returns the standbys alive, or -1
 # if this coordinator did not hold the lease (it says nothing to anyone then).
 _LEASE_RELEASE = """
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
 local t = redis.call('TIME')
@@ -385,6 +460,30 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local standbys = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
 if standbys == 0 then redis.call('PUBLISH', KEYS[2], ARGV[2]) end
 return standbys
+"""
+
+
+# KEYS[1] lease, [2] sessions, [3] names, [4] nodes, [5] users, [6] deadlines, [7] coordinators
+# ARGV[1] limit, [2] gone-key prefix, [3] gone ttl ms, [4] presence channel.
+# The last coordinator has stopped (and told every client so): its sessions end with it, so
+# the user list does not show users whose clients are gone. Up to `limit` sessions a call;
+# returns how many were removed, or -1 (removing nobody) if a coordinator is there again.
+_CLEAR = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('ZCOUNT', KEYS[7], '(' .. now, '+inf') > 0 then
+  return -1
+end
+PRESENCE = ARGV[4]
+local n = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[6], 0, tonumber(ARGV[1]) - 1)) do
+  local sid = string.match(member, '^([^:]+)')
+  remove_session(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], sid, ARGV[2], tonumber(ARGV[3]),
+                 'server', now)
+  redis.call('ZREM', KEYS[6], member)
+  n = n + 1
+end
+return n
 """
 
 
@@ -407,7 +506,7 @@ async def _run(script: AsyncScript, keys: list[str], args: list[str]) -> Any:
         raise
 
 
-_KIND_CODES = {"logon": "L", "message-to": "M", "logoff": "O"}
+_KIND_CODES = {"logon": "L", "message-to": "M", "logoff": "O", "delivered": "D"}
 
 
 @dataclass(frozen=True)
@@ -449,6 +548,7 @@ class Scripts:
         self._grant = redis.register_script(_GRANT)
         self._lease_hold = redis.register_script(_LEASE_HOLD)
         self._lease_release = redis.register_script(_LEASE_RELEASE)
+        self._clear = redis.register_script(_PRELUDE + _CLEAR)
 
     def _indexes(self) -> list[str]:
         """The KEYS of the scripts that remove sessions (sweep, crashed)."""
@@ -475,6 +575,11 @@ class Scripts:
         elif r.kind == "message-to":
             # The script puts it in the message event as it is: JSON-encoded here, once.
             args += [job.sender, r.to, json.dumps(r.text, ensure_ascii=False)]
+            if r.receipt_ms:
+                args[0] = "W"
+                args.append(str(r.receipt_ms))
+        elif r.kind == "delivered":
+            args.append(r.msg)
         return args
 
     async def batch(
@@ -511,6 +616,8 @@ class Scripts:
             alive,
             str(len(jobs)),
             str(len(refusals)),
+            k.presence,
+            k.receipt_prefix,
             *(item for pair in refusals for item in pair),
         ]
         for job in jobs:
@@ -552,6 +659,7 @@ class Scripts:
                     k.gone_prefix,
                     str(self.gone_ttl_ms),
                     k.hb_prefix,
+                    k.presence,
                 ],
             ),
         )
@@ -576,6 +684,7 @@ class Scripts:
                         k.gone_prefix,
                         str(self.gone_ttl_ms),
                         canary,
+                        k.presence,
                         *(item for pair in suspects for item in pair),
                     ],
                 ),
@@ -604,13 +713,16 @@ class Scripts:
         """Forget the first `applied` entries in flight: they are done."""
         await self.batch(coordinator, trim=applied)
 
-    async def lease_hold(self, coordinator: str, ttl_ms: int, alive: str) -> bool:
-        """Say this coordinator is alive; take or renew the lease (and tick). False if another
-        coordinator holds it."""
+    async def lease_hold(
+        self, coordinator: str, ttl_ms: int, alive: str, about: str = "{}"
+    ) -> bool:
+        """Say this coordinator is alive (and `about` it, a JSON object, in the public servers
+        hash); take or renew the lease (and tick). False if another coordinator holds it."""
         k = self.keys
         return bool(
             await self._lease_hold(
-                keys=[k.lease, k.control, k.coordinators], args=[coordinator, str(ttl_ms), alive]
+                keys=[k.lease, k.control, k.coordinators, k.servers],
+                args=[coordinator, str(ttl_ms), alive, about],
             )
         )
 
@@ -620,6 +732,17 @@ class Scripts:
         k = self.keys
         return int(
             await self._lease_release(
-                keys=[k.lease, k.control, k.coordinators], args=[coordinator, stopping]
+                keys=[k.lease, k.control, k.coordinators, k.servers], args=[coordinator, stopping]
+            )
+        )
+
+    async def clear(self, limit: int = 100) -> int:
+        """After the last coordinator stopped: remove up to `limit` sessions (see _CLEAR);
+        returns how many, or -1 if a coordinator is there again."""
+        k = self.keys
+        return int(
+            await self._clear(
+                keys=[*self._indexes(), k.coordinators],
+                args=[str(limit), k.gone_prefix, str(self.gone_ttl_ms), k.presence],
             )
         )

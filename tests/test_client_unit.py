@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from messenger.errors import (
     Rejected,
 )
 from messenger.keys import Keys
-from messenger.protocol import AliveEvent, Reply, encode_event
+from messenger.protocol import AliveEvent, MessageEvent, PresenceEvent, Reply, encode_event
 from messenger.settings import Settings
 
 FAST = {
@@ -514,3 +515,163 @@ async def test_a_message_that_comes_with_the_logon_prints_after_logged_on(
         for c in (alice, bob):
             c.stop(None)
             await c.close()
+
+
+# --- receipts and presence (docs/protocol.md, "Receipts" and "Presence") ----------------------
+
+
+class Watcher:
+    """A client that keeps what it is given (on_event) instead of printing it."""
+
+    def __init__(self, server: fakeredis.FakeServer, tmp_path: Path, name: str, node: str):
+        self.events: list[MessageEvent | PresenceEvent] = []
+        self.client = Client(
+            redis_of(server),
+            settings(tmp_path, node),
+            name,
+            on_event=self.events.append,
+            presence=True,
+        )
+
+    async def start(self) -> None:
+        await self.client.logon()
+        await self.client.start_serving()
+
+    def messages(self) -> list[MessageEvent]:
+        return [e for e in self.events if isinstance(e, MessageEvent)]
+
+    def presence(self) -> list[tuple[str, str, str]]:
+        return [(e.kind, e.name, e.reason) for e in self.events if isinstance(e, PresenceEvent)]
+
+
+@pytest.fixture
+async def watchers(server: fakeredis.FakeServer, tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[Watcher] = []
+
+    def make(name: str, node: str) -> Watcher:
+        made.append(Watcher(server, tmp_path, name, node))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.client.stop(None)
+        with contextlib.suppress(Exception):
+            await w.client.close()
+
+
+async def test_a_printed_message_is_delivered(coordinator: Coordinator, nodes: Any) -> None:
+    alice, bob = nodes("alice", "n1"), nodes("bob", "n2")
+    await alice.start()
+    await bob.start()
+    reply, receipt = await alice.client.send_with_receipt("bob", "hi", receipt_ms=2000)
+    assert reply == Reply.SENT
+    assert receipt is not None
+    assert await asyncio.wait_for(receipt, 3) is True
+    assert bob.lines == ["Message from alice: hi"]
+    # A message without a receipt carries no id, and makes no receipt key.
+    assert await alice.client.send("bob", "plain") == Reply.SENT
+    assert await coordinator.redis.keys("c:rcpt:*") == []
+
+
+async def test_a_message_nobody_showed_is_not_delivered(
+    coordinator: Coordinator, nodes: Any, watchers: Any
+) -> None:
+    alice, bob = nodes("alice", "n1"), watchers("bob", "n2")
+    await alice.start()
+    await bob.start()  # takes messages and never acknowledges them: nothing was shown
+    reply, receipt = await alice.client.send_with_receipt("bob", "hi", receipt_ms=300)
+    assert reply == Reply.SENT
+    assert receipt is not None
+    assert await asyncio.wait_for(receipt, 3) is False
+    assert [m.text for m in bob.messages()] == ["hi"]
+    assert bob.messages()[0].msg_id  # it could have acknowledged it
+
+
+async def test_nobody_but_the_receiver_can_make_a_receipt(
+    coordinator: Coordinator, nodes: Any, watchers: Any
+) -> None:
+    alice, bob, mallory = nodes("alice", "n1"), watchers("bob", "n2"), nodes("mallory", "n3")
+    await alice.start()
+    await bob.start()
+    await mallory.start()
+    reply, receipt = await alice.client.send_with_receipt("bob", "secret", receipt_ms=3000)
+    assert reply == Reply.SENT
+    assert receipt is not None
+    await asyncio.wait_for(_until(_async(lambda: bool(bob.messages()))), 2)
+    msg_id = bob.messages()[0].msg_id
+    # Mallory knows the id (the strongest case) and signs a receipt with her own session.
+    mallory.client.acknowledge(msg_id)
+    await asyncio.wait_for(_until(lambda: _queue_empty(coordinator)), 2)
+    # Applied (and refused): a receipt is published in the step that deletes its key.
+    assert await coordinator.redis.exists(f"c:rcpt:{msg_id}") == 1  # still bob's to give
+    assert not receipt.done()
+    bob.client.acknowledge(msg_id)
+    assert await asyncio.wait_for(receipt, 2) is True
+    assert await coordinator.redis.exists(f"c:rcpt:{msg_id}") == 0  # once only
+
+
+async def _queue_empty(coordinator: Coordinator) -> bool:
+    k = Keys("c")
+    return await coordinator.redis.llen(k.requests) + await coordinator.redis.llen(k.inflight) == 0
+
+
+async def test_presence_says_who_came_and_went_and_why(
+    coordinator: Coordinator, nodes: Any, watchers: Any, server: fakeredis.FakeServer
+) -> None:
+    watcher = watchers("walt", "n0")
+    await watcher.start()
+    bob, carol = nodes("bob", "n2"), nodes("carol", "n3")
+    await bob.start()
+    await carol.start()
+    assert await bob.client.logoff() == Reply.LOGGED_OFF
+    # Carol's client hangs: its heartbeat stops, so the sweep logs her off at her deadline.
+    for task in carol.client._tasks:
+        task.cancel()
+    want = [
+        ("logon", "walt", ""),
+        ("logon", "bob", ""),
+        ("logon", "carol", ""),
+        ("logoff", "bob", "logoff"),
+        ("logoff", "carol", "timeout"),
+    ]
+    await asyncio.wait_for(_until(_async(lambda: watcher.presence() == want)), 3)
+    # What goes out is public: the user list's name and node, a time and a reason, nothing
+    # that names a session (no sid, key or inbox).
+    raw = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    pubsub = raw.pubsub()
+    await pubsub.subscribe(Keys("c").presence)
+    dave = nodes("dave", "n4")
+    await dave.start()
+    payload = None
+    while payload is None:
+        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2)
+        payload = msg and msg["data"]
+    fields = json.loads(payload)
+    assert set(fields) == {"t", "ev", "name", "node", "at"}
+    assert (fields["ev"], fields["name"], fields["node"]) == ("logon", "dave", "n4")
+    assert dave.client.sid not in payload
+    assert dave.client.inbox not in payload
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await raw.aclose()
+
+
+async def test_the_last_server_stopping_logs_everyone_off(
+    server: fakeredis.FakeServer, tmp_path: Path, nodes: Any, watchers: Any
+) -> None:
+    c = Coordinator(redis_of(server), settings(tmp_path, "server"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(c.run(stop))
+    await asyncio.wait_for(_until(lambda: c.redis.exists(Keys("c").lease)), 2)
+    watcher = watchers("walt", "n0")
+    await watcher.start()
+    bob = nodes("bob", "n2")
+    await bob.start()
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert isinstance(await bob.result(), NoConnection)  # told the server stops, not removed
+    assert await list_users(c.redis, "c") == ([], 0)
+    assert await c.redis.hlen(Keys("c").sessions) == 0
+    await asyncio.wait_for(
+        _until(_async(lambda: ("logoff", "bob", "server") in watcher.presence())), 2
+    )
+    await c.redis.aclose()
