@@ -9,6 +9,7 @@ look (or to play a worst case: an attacker that somehow learned a session id).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ import pytest
 import redis as redis_sync
 from redis.exceptions import NoPermissionError, ResponseError
 
-from messenger import acl
+from messenger import acl, local
 from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
 from messenger.protocol import Request, encode_request, new_session_key
+from messenger.settings import Settings
 from tests.conftest import client_url_of, procs_on
 from tests.harness import Proc, Procs, wait_until
 
@@ -310,3 +312,96 @@ def test_what_a_client_can_read_holds_no_secret(world: World) -> None:
         for secret in (record["key"], record["sid"], record["inbox"], record["hb"]):
             assert secret not in text
             assert secret.rsplit(":", 1)[-1] not in text
+
+
+# --- 5. presence, receipts and the servers list (issue 14) ----------------------------------
+
+
+def test_presence_cannot_be_forged_and_holds_no_secret(world: World) -> None:
+    k = world.keys
+    forged = json.dumps({"t": "presence", "ev": "logoff", "name": "alice", "node": "n1"})
+    assert "NOPERM" in refused(world.attacker.publish, k.presence, forged + "x")
+    pubsub = world.attacker.pubsub()
+    try:
+        pubsub.subscribe(k.presence)  # allowed: presence is public
+        carol = world.procs.logon("carol", "n3")
+        events = _presence_events(pubsub, 2, lambda: carol.kill())
+    finally:
+        pubsub.close()
+    assert [(e["ev"], e["name"], e.get("reason")) for e in events] == [
+        ("logon", "carol", None),
+        ("logoff", "carol", "crash"),
+    ]
+    for e in events:
+        assert set(e) <= {"t", "ev", "name", "node", "at", "reason"}
+    text = json.dumps(events)
+    for record in (world.record("alice"), world.record("bob")):
+        for secret in (record["key"], record["sid"], record["inbox"], record["hb"]):
+            assert secret.rsplit(":", 1)[-1] not in text
+
+
+def _presence_events(pubsub: Any, n: int, then: Any) -> list[dict[str, str]]:
+    events: list[dict[str, str]] = []
+    deadline = time.monotonic() + 10
+    acted = False
+    while len(events) < n:
+        assert time.monotonic() < deadline, f"presence events so far: {events}"
+        msg = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if msg is not None:
+            events.append(json.loads(msg["data"]))
+            if not acted:
+                acted = True
+                then()
+    return events
+
+
+def test_no_receipt_for_a_message_one_did_not_receive(world: World) -> None:
+    """Mallory has a session of her own and (worst case) the message's id; alice's message to
+    bob, whose client is stopped and so shows nothing, stays `not-delivered`."""
+    k = world.keys
+    key, sid = new_session_key(), "7" * 32
+    now = int(world.admin.time()[0]) * 1000
+    logon = Request("logon", "8" * 32, sid, name="mallory", node="evil", key=key, sent_ms=now)
+    world.attacker.rpush(k.requests, encode_request(logon, key))
+    wait_until(lambda: "mallory" in world.users(), 5, "mallory logged on")
+    world.bob.signal(19)  # SIGSTOP: bob's connection lives (so `sent`), but he prints nothing
+    try:
+        settings = Settings.from_env(
+            env=world.procs.env,
+            node="n1",
+            runtime_dir=Path(world.procs.env["MESSENGER_RUNTIME_DIR"]),
+        )
+        request = {"op": "message", "to": "bob", "text": "for bob only", "receipt_ms": "3000"}
+        answers: list[dict[str, Any]] = []
+        asker = threading.Thread(target=lambda: answers.append(local.ask(settings, request, 10)))
+        asker.start()
+        wait_until(lambda: bool(world.admin.keys(k.receipt("*"))), 5, "the receipt key")
+        msg_id = world.admin.keys(k.receipt("*"))[0].rsplit(":", 1)[1]
+        # She cannot publish one, nor read or delete what the coordinator keeps for it...
+        receipt = json.dumps({"t": "receipt", "msg": msg_id})
+        assert "NOPERM" in refused(world.attacker.publish, world.record("alice")["inbox"], receipt)
+        for command in (("GET", k.receipt(msg_id)), ("DEL", k.receipt(msg_id))):
+            assert "NOPERM" in refused(world.attacker.execute_command, *command)
+        # ...and a receipt signed by her own session is not bob's.
+        now = int(world.admin.time()[0]) * 1000
+        forged = Request("delivered", "9" * 32, sid, msg=msg_id, sent_ms=now)
+        world.attacker.rpush(k.requests, encode_request(forged, key))
+        asker.join(15)
+        assert answers == [{"reply": "sent", "receipt": "not-delivered"}]
+    finally:
+        world.bob.signal(18)  # SIGCONT
+
+
+def test_the_servers_list_is_read_only_for_clients(world: World) -> None:
+    k = world.keys
+    listed = world.attacker.hgetall(k.servers)
+    entries = {cid: json.loads(raw) for cid, raw in listed.items() if cid}
+    assert [e["active"] for e in entries.values()] == [True]
+    assert world.admin.get(k.lease) in entries  # the active one is the lease holder
+    for command in (
+        ("HSET", k.servers, "x", "{}"),
+        ("HDEL", k.servers, *entries),
+        ("DEL", k.servers),
+    ):
+        assert "NOPERM" in refused(world.attacker.execute_command, *command)
+    assert "WRONGTYPE" in refused(world.attacker.rpush, k.servers, "x")

@@ -23,7 +23,7 @@ def test_mypy_strict() -> None:
 
 def test_ruff() -> None:
     result = subprocess.run(
-        [_tool("ruff"), "check", "messenger", "tests", "benchmarks"],
+        [_tool("ruff"), "check", "messenger", "tests", "benchmarks", "examples"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -34,7 +34,7 @@ def test_ruff() -> None:
 
 def test_ruff_format() -> None:
     result = subprocess.run(
-        [_tool("ruff"), "format", "--check", "messenger", "tests", "benchmarks"],
+        [_tool("ruff"), "format", "--check", "messenger", "tests", "benchmarks", "examples"],
         cwd=ROOT,
         capture_output=True,
         text=True,
