@@ -471,7 +471,10 @@ class Coordinator:
         if isinstance(result, ResponseError):
             log.error("request %s (%s) failed in Redis: %s", r.req[:8], r.kind, result)
             return None
-        if result == Reply.EXPIRED:
+        if result == "not-yours":
+            # A receipt signed by a session the message did not go to: a forgery, or a bug.
+            self.dropped.note("receipt for a message that went to another session")
+        elif result == Reply.EXPIRED:
             log.info(
                 "request %s (%s) arrived after its sender gave up; not applied", r.req[:8], r.kind
             )
