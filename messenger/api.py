@@ -181,11 +181,13 @@ async def connect(
 
     client = Client(redis, settings, name, heartbeat_redis=hb, on_event=event, presence=presence)
     session = Session(client)
+    logged_on = False
     try:
         await client.logon()
+        logged_on = True
         await client.start_serving()
         yield session
     finally:
-        if not client.finished.done():
+        if logged_on and not client.finished.done():
             await client.leave()
         await client.close()

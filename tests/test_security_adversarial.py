@@ -53,6 +53,13 @@ class World:
         record: dict[str, str] = json.loads(self.admin.hget(self.keys.sessions, sid))
         return {**record, "sid": sid}
 
+    def wait_listed(self, name: str) -> None:
+        """Wait until `name` is logged on; on a timeout, say what the coordinator said."""
+        try:
+            wait_until(lambda: name in self.users(), 10, f"{name} logged on")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; coordinator: {self.server.err[-10:]}") from None
+
     def bob_still_gets_alice(self) -> None:
         """The honest path still works, and only what alice sent reaches bob."""
         code, out, _ = self.procs.run("message", "bob", "honest", "--node", "n1")
@@ -268,7 +275,7 @@ def test_no_replay_later_and_no_request_from_the_future(world: World) -> None:
     now = int(world.admin.time()[0]) * 1000
     logon = Request("logon", "4" * 32, sid, name="mallory", node="evil", key=key, sent_ms=now)
     world.attacker.rpush(world.keys.requests, encode_request(logon, key))
-    wait_until(lambda: "mallory" in world.users(), 5, "mallory logged on")
+    world.wait_listed("mallory")
     late = Request("message-to", "5" * 32, sid, to="bob", text="replayed", sent_ms=now - 60_000)
     future = Request("message-to", "6" * 32, sid, to="bob", text="future", sent_ms=now + 60_000)
     world.attacker.rpush(
@@ -363,7 +370,7 @@ def test_no_receipt_for_a_message_one_did_not_receive(world: World) -> None:
     now = int(world.admin.time()[0]) * 1000
     logon = Request("logon", "8" * 32, sid, name="mallory", node="evil", key=key, sent_ms=now)
     world.attacker.rpush(k.requests, encode_request(logon, key))
-    wait_until(lambda: "mallory" in world.users(), 5, "mallory logged on")
+    world.wait_listed("mallory")
     world.bob.signal(19)  # SIGSTOP: bob's connection lives (so `sent`), but he prints nothing
     try:
         settings = Settings.from_env(
