@@ -15,9 +15,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import sys
-import time
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -86,10 +84,6 @@ def ago(ms: int | None, now_ms: int) -> str:
     return f"{max(0, now_ms - ms) // 1000} s ago"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def header(*cells: str) -> Text:
     return Text("  ".join(cells), style="bold")
 
@@ -108,7 +102,3 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return json.dumps(obj).replace("\x7f", "\\u007f")
-
-
-def environ_no_color() -> bool:
-    return "NO_COLOR" in os.environ
