@@ -4,6 +4,7 @@ none of it with NO_COLOR, nor on a pipe."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 import pexpect
 import pytest
 
+from messenger.embedded import EmbeddedRedis
+from tests.conftest import procs_on
 from tests.harness import Procs
 
 pytestmark = pytest.mark.integration
@@ -196,3 +199,41 @@ def test_logon_spins_while_it_waits_for_the_server(procs: Procs, terminal: objec
     assert code in (3, 4), seen
     assert re.search(r"\r[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] logging on", seen), seen
     assert ERASE in seen
+
+
+def test_who_status_and_health_spin_while_redis_does_not_answer(
+    own_redis: EmbeddedRedis, base_env: dict[str, str]
+) -> None:
+    procs = procs_on(own_redis, base_env)
+    children: list[pexpect.spawn] = []
+    try:
+        procs.server()
+        procs.logon("alice", "n1")
+        os.kill(own_redis.pid, signal.SIGSTOP)  # connections are taken; nothing answers
+        try:
+            for args in (("who",), ("status",), ("health",)):
+                child = pexpect.spawn(
+                    sys.executable,
+                    ["-m", "messenger", *args, "--reply-timeout", "1.5"],
+                    env={**procs.env, "TERM": "xterm"},
+                    dimensions=(24, 100),
+                    encoding="utf-8",
+                    timeout=20,
+                )
+                children.append(child)
+                child.expect(pexpect.EOF)
+                child.close()
+                seen = str(child.before)
+                assert child.exitstatus == 3, (args, seen)
+                spun = re.search(r"\r[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] asking Redis", seen)
+                assert spun, (args, seen)
+                tail = seen[spun.end() :]
+                assert ERASE in tail  # erased before `noconnection` is printed
+                assert plain(tail[tail.rindex(ERASE) + len(ERASE) :]).startswith("noconnection")
+        finally:
+            os.kill(own_redis.pid, signal.SIGCONT)
+    finally:
+        for child in children:
+            if child.isalive():
+                child.terminate(force=True)
+        procs.cleanup()

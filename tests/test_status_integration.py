@@ -42,11 +42,13 @@ def test_every_command_s_json_lines_carry_the_documented_fields(procs: Procs) ->
     alice.wait_line(r'^\{"reply": "logged-on"\}$', 15)
     procs.logon("bob", "n2")
 
-    code, out, err = procs.run("message", "alice", "hi\x1b[2J there", "--node", "n2", "--json")
+    text = "hi\x1b[2J\x7f\u202e there"
+    code, out, err = procs.run("message", "alice", text, "--node", "n2", "--json")
     assert (code, json_lines(out)) == (0, [{"reply": "sent", "exit": 0}])
     alice.wait_line(r'"event": "message"', 10)
     event = json_lines([line for line in alice.out if '"event"' in line])[0]
-    assert event == {"event": "message", "from": "bob", "text": "hi\x1b[2J there"}
+    assert event == {"event": "message", "from": "bob", "text": text}
+    assert all(line.isascii() and "\x7f" not in line for line in alice.out)
     no_escapes(*alice.out)  # JSON escaped it (\u001b): raw to a decoder, inert on a terminal
 
     code, out, _ = procs.run("message", "carol", "hi", "--node", "n2", "--json")
