@@ -18,16 +18,18 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 from redis.exceptions import RedisError
+from rich.text import Text
 
-from messenger import __version__, acl, entry, local, options, private
-from messenger.client import Client, UserList, list_users
-from messenger.connection import connect, describe, explain, resolve_url, server_file
+from messenger import __version__, acl, entry, local, options, output, private, status
+from messenger.client import Client
+from messenger.connection import connect, describe, redact, resolve_url, server_file
 from messenger.coordinator import Coordinator
 from messenger.embedded import EmbeddedRedis
-from messenger.errors import ConfigError, MessengerError, NoConnection, Rejected
+from messenger.errors import ConfigError, MessengerError, NoConnection, NoResponse, Rejected
 from messenger.options import Kind
-from messenger.protocol import Reply, printable, validate_name
+from messenger.protocol import MessageEvent, PresenceEvent, Reply, printable, validate_name
 from messenger.settings import Settings
+from messenger.spinner import Spinner
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -99,6 +101,20 @@ def echo(line: str) -> None:
     sys.stdout.flush()
 
 
+def json_option(func: F) -> F:
+    """`--json`: one JSON object per line on stdout, the outcome included (docs/cli-json.md)."""
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print JSON objects, one per line (docs/cli-json.md).",
+    )(func)
+
+
+def _json(on: bool) -> None:
+    entry.JSON.on = on
+
+
 class OneLineFormatter(logging.Formatter):
     """Every log record is one line, with control characters escaped: names, texts and error
     messages that came from Redis or a client can neither forge log lines nor drive a terminal.
@@ -111,7 +127,10 @@ class OneLineFormatter(logging.Formatter):
 
 def _setup_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if entry.JSON.on:  # --json: each record a JSON object (time, level, logger, message)
+        handler.setFormatter(output.JsonFormatter())
+    else:
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
 
 
@@ -130,13 +149,16 @@ def cli(**_settings: Any) -> None:
 
 
 @cli.command()
+@json_option
 @common_options
-def server(*, settings: Settings, verbose: bool) -> None:
+def server(*, as_json: bool, settings: Settings, verbose: bool) -> None:
     """Run the coordinator (the seed's server).
 
     With no Redis URL it starts an embedded redis-server on 127.0.0.1 and publishes its address
-    for the clients of this host, so they need no configuration.
+    for the clients of this host, so they need no configuration. --json: its log records (on
+    stderr) are JSON objects.
     """
+    _json(as_json)
     _setup_logging(logging.DEBUG if verbose else logging.INFO)
     embedded: EmbeddedRedis | None = None
     path = server_file(settings)
@@ -216,62 +238,136 @@ async def _serve(coordinator: Coordinator) -> None:
 
 @cli.command()
 @click.argument("name")
+@json_option
 @common_options
-def logon(name: str, *, settings: Settings, verbose: bool) -> None:
+def logon(name: str, *, as_json: bool, settings: Settings, verbose: bool) -> None:
     """Log NAME on at this node and stay in the foreground.
 
     Prints the server's reply, then every incoming message as `Message from NAME: TEXT`, until
     logged off (`messenger logoff`, Ctrl-C) or stopped.
     """
+    _json(as_json)
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
     validate_name(name)
     asyncio.run(_logon(name, settings))
 
 
+def _show_message(event: MessageEvent) -> None:
+    if entry.JSON.on:
+        output.say_json({"event": "message", "from": event.sender, "text": event.text})
+    else:
+        output.say(output.message_line(event.sender, event.text))
+
+
 async def _logon(name: str, settings: Settings) -> None:
     local.ensure_runtime_dir(settings)
-    if await local.client_alive(settings):
-        raise Rejected(Reply.ALREADY_LOGGED_ON)
-    url = resolve_url(settings)
-    timeout = min(2.0, settings.reply_timeout)
-    redis = connect(url, socket_timeout=timeout, tls=settings.tls)
-    # The heartbeat goes through its own Redis user when the URL names a client user (acl).
-    hb_url = acl.heartbeat_url(url)
-    hb_redis = None if hb_url is None else connect(hb_url, socket_timeout=timeout, tls=settings.tls)
-    client = Client(redis, settings, name, out=echo, heartbeat_redis=hb_redis, hold_output=True)
+    spinner = Spinner("logging on").start()
     try:
-        await client.logon()
-        # Ready for `message` and `logoff` before anyone can see `logged-on` and use them.
-        await client.start_serving()
+        if await local.client_alive(settings):
+            raise Rejected(Reply.ALREADY_LOGGED_ON)
+        url = resolve_url(settings)
+        timeout = min(2.0, settings.reply_timeout)
+        redis = connect(url, socket_timeout=timeout, tls=settings.tls)
+        # The heartbeat goes through its own Redis user when the URL names a client user (acl).
+        hb_url = acl.heartbeat_url(url)
+        hb_redis = (
+            None if hb_url is None else connect(hb_url, socket_timeout=timeout, tls=settings.tls)
+        )
+    except BaseException:
+        spinner.stop()
+        raise
+    # Messages that come before `logged-on` is printed (one may be applied right after the
+    # logon, before its reply is even read) wait here until it is; each is acknowledged (the
+    # sender's `delivered`) once printed, never before.
+    held: list[MessageEvent] | None = []
+
+    def on_event(event: MessageEvent | PresenceEvent) -> None:
+        if not isinstance(event, MessageEvent):
+            return
+        if held is not None:
+            held.append(event)
+            return
+        _show_message(event)
+        client.acknowledge(event.msg_id)
+
+    client = Client(redis, settings, name, heartbeat_redis=hb_redis, on_event=on_event)
+    try:
+        try:
+            await client.logon()
+            # Ready for `message` and `logoff` before anyone can see `logged-on` and use them.
+            await client.start_serving()
+        finally:
+            spinner.stop()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Ctrl-C or a polite kill is a logoff, not a crash (installed before anyone can
             # see `logged-on` and react to it).
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.leave()))
-        echo(Reply.LOGGED_ON)
-        client.release_output()  # a message that came with the logon prints after it
+        if entry.JSON.on:
+            output.say_json({"reply": Reply.LOGGED_ON.value})
+        else:
+            output.reply(Reply.LOGGED_ON, ok=True)
+        waiting, held = held or [], None
+        for event in waiting:  # a message that came with the logon prints after it
+            _show_message(event)
+            client.acknowledge(event.msg_id)
         reason = await client.finished
     finally:
         await client.close()
     if reason is not None:
         raise reason
-    echo(Reply.LOGGED_OFF)
+    if entry.JSON.on:
+        output.say_json({"reply": Reply.LOGGED_OFF.value, "exit": 0})
+    else:
+        output.reply(Reply.LOGGED_OFF, ok=True)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("to")
 @click.argument("text", nargs=-1, required=True)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="After `sent`, wait for the receiver's client to show the message: prints "
+    "`delivered`, or `not-delivered` (exit 1) when --wait-timeout passes first.",
+)
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=0.001, max=3600.0),
+    default=None,
+    metavar="SECONDS",
+    help="How long --wait waits for the receipt after `sent` (default: the reply timeout). "
+    "Implies --wait.",
+)
+@json_option
 @common_options
-def message(to: str, text: tuple[str, ...], *, settings: Settings, verbose: bool) -> None:
+def message(
+    to: str,
+    text: tuple[str, ...],
+    *,
+    wait: bool,
+    wait_timeout: float | None,
+    as_json: bool,
+    settings: Settings,
+    verbose: bool,
+) -> None:
     """Send TEXT to user TO through this node's client (words are joined by spaces)."""
+    _json(as_json)
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
-    _call_client(settings, entry.request(settings, "message", (to, *text)))
+    if wait or wait_timeout is not None:
+        receipt_ms = max(1, int((wait_timeout or settings.reply_timeout) * 1000))
+        request = local.message_request(settings, to, text, receipt_ms=receipt_ms)
+    else:
+        request = entry.request(settings, "message", (to, *text))
+    _call_client(settings, request)
 
 
 @cli.command()
+@json_option
 @common_options
-def logoff(*, settings: Settings, verbose: bool) -> None:
+def logoff(*, as_json: bool, settings: Settings, verbose: bool) -> None:
     """Log off this node's user; its `logon` process exits 0."""
+    _json(as_json)
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
     _call_client(settings, entry.request(settings, "logoff", ()))
 
@@ -283,37 +379,273 @@ def _call_client(settings: Settings, request: dict[str, str]) -> None:
         sys.exit(code)
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list for scripts.")
-@common_options
-def who(*, as_json: bool, settings: Settings, verbose: bool) -> None:
-    """List the logged-on users and their nodes."""
-    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
-    users, unreadable = asyncio.run(_who(settings))
+def _redis(settings: Settings) -> Any:
+    return connect(resolve_url(settings), socket_timeout=settings.reply_timeout, tls=settings.tls)
+
+
+async def _closed(redis: Any) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await redis.aclose()
+
+
+def _skipped(unreadable: int, what: str) -> None:
     if unreadable:
-        click.echo(f"messenger: skipped {unreadable} session entries that do not decode", err=True)
-    if as_json:
-        echo(json.dumps([{"name": n, "node": node} for n, node in users]))
+        click.echo(f"messenger: skipped {unreadable} {what} that do not decode", err=True)
+
+
+@cli.command()
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Then print each logon and logoff as it happens, with its reason, until Ctrl-C.",
+)
+@json_option
+@common_options
+def who(*, watch: bool, as_json: bool, settings: Settings, verbose: bool) -> None:
+    """List the logged-on users, their nodes and since when.
+
+    On a terminal with a header (NAME NODE SINCE), and `nobody is logged on` (on stderr) when
+    nobody is; on a pipe one `NAME  NODE` line per user and nothing else.
+    """
+    _json(as_json)
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
+    if watch:
+        asyncio.run(_watch(settings))
+        return
+    with Spinner("asking Redis"):
+        users, unreadable = asyncio.run(_who(settings))
+    _skipped(unreadable, "session entries")
+    _print_users(users)
+
+
+def _print_users(users: list[status.User]) -> None:
+    if entry.JSON.on:
+        for user in users:
+            output.say_json({"name": user.name, "node": user.node, "since": user.since})
         return
     # What Redis holds is printed escaped, like `Message from`: it must not drive the terminal.
-    rows = [(printable(n), printable(node)) for n, node in users]
-    width = max((len(n) for n, _ in rows), default=0)
-    for n, node in rows:
-        echo(f"{n.ljust(width)}  {node}")
-    if not rows and sys.stdout.isatty():
+    rows = [(printable(u.name), printable(u.node), output.local_time(u.since)) for u in users]
+    if not sys.stdout.isatty():
+        width = max((len(n) for n, _, _ in rows), default=0)
+        for n, node, _ in rows:
+            output.say(f"{n.ljust(width)}  {node}")
+        return
+    if not rows:
         # Scripts see an empty stdout and exit 0; a person is told.
-        click.echo("nobody is logged on", err=True)
+        output.say("nobody is logged on", err=True)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(("NAME", "NODE"))]
+    output.say(output.header("NAME".ljust(widths[0]), "NODE".ljust(widths[1]), "SINCE"))
+    for n, node, since in rows:
+        output.say(f"{n.ljust(widths[0])}  {node.ljust(widths[1])}  {since}")
 
 
-async def _who(settings: Settings) -> UserList:
-    redis = connect(resolve_url(settings), socket_timeout=settings.reply_timeout, tls=settings.tls)
+async def _who(settings: Settings) -> tuple[list[status.User], int]:
+    redis = _redis(settings)
     try:
-        return await list_users(redis, settings.prefix)
+        return await status.read_users(redis, settings.prefix)
     except RedisError as e:
-        raise NoConnection(f"Redis at {describe(redis)}: {explain(e)}") from None
+        raise status.noconnection(redis, e) from None
     finally:
-        with contextlib.suppress(RedisError, OSError):
-            await redis.aclose()
+        await _closed(redis)
+
+
+def _show_presence(event: PresenceEvent) -> None:
+    reason = event.reason or None
+    if entry.JSON.on:
+        output.say_json(
+            {
+                "event": event.kind,
+                "name": event.name,
+                "node": event.node,
+                "at": event.at_ms,
+                "reason": reason,
+            }
+        )
+        return
+    line = Text.assemble(
+        output.local_time(event.at_ms),
+        " ",
+        (event.kind, output.OK_STYLE if event.kind == "logon" else output.REFUSED_STYLE),
+        " ",
+        (printable(event.name), "bold"),
+        f" {printable(event.node)}",
+        f" ({printable(reason)})" if reason else "",
+    )
+    output.say(line)
+
+
+async def _watch(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)  # the end of watching, not a failure: exit 0
+
+    def on_users(users: list[status.User], unreadable: int) -> None:
+        _skipped(unreadable, "session entries")
+        _print_users(users)
+
+    redis = _redis(settings)
+    try:
+        await status.watch(
+            redis,
+            settings.prefix,
+            on_users=on_users,
+            on_event=_show_presence,
+            stop=stop,
+            reply_timeout=settings.reply_timeout,
+        )
+    finally:
+        await _closed(redis)
+
+
+@cli.command(name="status")
+@json_option
+@common_options
+def status_(*, as_json: bool, settings: Settings, verbose: bool) -> None:
+    """Say which Redis, which coordinator serves (and since when), which stand by, how many
+    users are on, and this node's client."""
+    _json(as_json)
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
+    url = redact(resolve_url(settings))
+    if not entry.JSON.on:
+        output.say(Text.assemble(("redis        ", "bold"), printable(url)))
+    with Spinner("asking Redis"):
+        found = asyncio.run(_status(settings))
+    servers, now, users, unreadable, node = found
+    _skipped(unreadable, "coordinator entries")
+    holder = status.lease_holder(servers, now)
+    if entry.JSON.on:
+        output.say_json(
+            {
+                "redis": url,
+                "redis_time": now,
+                "active": holder.id if holder else None,
+                "coordinators": [
+                    {
+                        "id": s.id,
+                        "active": s is holder,
+                        "since": s.since if s is holder else None,
+                        "until": s.until,
+                        "host": s.host,
+                        "pid": s.pid,
+                        "started": s.started,
+                    }
+                    for s in servers
+                    if s.until > now
+                ],
+                "users": users,
+                "node": node,
+            }
+        )
+        return
+    bold = "bold"
+    for s in servers:
+        if s.until <= now:
+            continue  # its entry outlived it; the next coordinator's poll removes it
+        where = f"{printable(s.id)} on {printable(s.host)}" + (f" (pid {s.pid})" if s.pid else "")
+        if s is holder:
+            output.say(
+                Text.assemble(
+                    ("coordinator  ", bold),
+                    where,
+                    ": ",
+                    ("active", output.OK_STYLE),
+                    f" since {output.local_time(s.since)} ({output.ago(s.since, now)})",
+                )
+            )
+        else:
+            output.say(Text.assemble(("standby      ", bold), where))
+    if holder is None:
+        output.say(
+            Text.assemble(("coordinator  ", bold), ("none holds the lease", output.REFUSED_STYLE))
+        )
+    output.say(Text.assemble(("users        ", bold), f"{users} logged on"))
+    client = node["client"]
+    said = {
+        "logged-on": f"{printable(str(node['user']))} is logged on",
+        "not-logged-on": "no client runs here (not-logged-on)",
+        "no-response": "a client that does not answer (stopped, or busy)",
+    }[client]
+    output.say(
+        Text.assemble(
+            ("this node    ", bold),
+            f"{printable(str(node['name']))}: ",
+            (said, output.OK_STYLE if client == "logged-on" else output.REFUSED_STYLE),
+        )
+    )
+
+
+async def _node_state(settings: Settings) -> dict[str, Any]:
+    """This node's client, from a `ping` on its socket."""
+    state: dict[str, Any] = {"name": settings.node, "client": "not-logged-on", "user": None}
+    try:
+        answer = await local.call(settings, {"op": "ping"}, min(2.0, settings.reply_timeout))
+    except Rejected:
+        return state
+    except (NoResponse, MessengerError, OSError):
+        return state | {"client": "no-response"}
+    name = answer.get("name")
+    return state | {"client": "logged-on", "user": name if isinstance(name, str) else None}
+
+
+async def _status(
+    settings: Settings,
+) -> tuple[list[status.Server], int, int, int, dict[str, Any]]:
+    redis = _redis(settings)
+    try:
+        node = asyncio.ensure_future(_node_state(settings))
+        try:
+            now = await status.redis_now(redis)
+            servers, unreadable = await status.read_servers(redis, settings.prefix)
+            users, _ = await status.read_users(redis, settings.prefix)
+        except RedisError as e:
+            node.cancel()
+            raise status.noconnection(redis, e) from None
+        return servers, now, len(users), unreadable, await node
+    finally:
+        await _closed(redis)
+
+
+@cli.command()
+@json_option
+@common_options
+def health(*, as_json: bool, settings: Settings, verbose: bool) -> None:
+    """Exit 0 if Redis answers and a coordinator holds the lease; else say why on stderr and
+    exit 3 (noconnection). Takes at most the reply timeout (for healthchecks)."""
+    _json(as_json)
+    _setup_logging(logging.DEBUG if verbose else logging.WARNING)
+    with Spinner("asking Redis"):
+        holder = asyncio.run(_health(settings))
+    if entry.JSON.on:
+        output.say_json(
+            {"reply": "healthy", "coordinator": holder.id, "host": holder.host, "exit": 0}
+        )
+    else:
+        output.reply("healthy", ok=True)
+
+
+async def _health(settings: Settings) -> status.Server:
+    redis = _redis(settings)
+    try:
+        async with asyncio.timeout(settings.reply_timeout):
+            now = await status.redis_now(redis)
+            servers, _ = await status.read_servers(redis, settings.prefix)
+    except TimeoutError:
+        raise NoConnection(
+            f"Redis at {describe(redis)} did not answer within {settings.reply_timeout:g} s"
+        ) from None
+    except RedisError as e:
+        raise status.noconnection(redis, e) from None
+    finally:
+        await _closed(redis)
+    holder = status.lease_holder(servers, now)
+    if holder is None:
+        standbys = sum(1 for s in servers if s.until > now)
+        raise NoConnection(
+            f"Redis answers, but no coordinator holds the lease ({standbys} standing by)"
+        )
+    return holder
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ goes to the click CLI in `cli`, whose `message` and `logoff` make the very same 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -98,8 +99,13 @@ def request(settings: Settings, command: str, words: Sequence[str]) -> dict[str,
 
 def call_client(settings: Settings, request: dict[str, str]) -> int:
     """Send `request` to this node's client and print its reply: the exit code."""
-    line, code = local.command(settings, request)
-    say(line)
+    reply, receipt, code = local.command(settings, request)
+    if JSON.on:
+        say_json({"reply": reply, **({"receipt": receipt} if receipt else {}), "exit": code})
+        return code
+    say_reply(reply, ok=code == 0 or bool(receipt))
+    if receipt:
+        say_reply(receipt, ok=code == 0)
     return code
 
 
@@ -108,27 +114,74 @@ def run(plain: Plain) -> int:
     return call_client(settings, request(settings, plain.command, plain.words))
 
 
+class JSON:
+    """Whether this command prints JSON lines (`--json`, which only the click CLI takes)."""
+
+    on = False
+
+
 def say(line: str, *, err: bool = False) -> None:
     stream = sys.stderr if err else sys.stdout
     stream.write(line + "\n")
     stream.flush()
 
 
+def say_json(obj: dict[str, object]) -> None:
+    """One JSON object on one line of stdout: ASCII only (json escapes every control
+    character and everything past ASCII; DEL too, here), so it cannot drive a terminal."""
+    say(json.dumps(obj).replace("\x7f", "\\u007f"))
+
+
+# The SGR codes rich writes for these styles (messenger.output colours the rest with rich; the
+# light path writes these two itself rather than load rich for them).
+_GREEN, _RED, _RESET = "\x1b[32m", "\x1b[31m", "\x1b[0m"
+
+
+def colour(stream: object) -> bool:
+    """Whether `stream` gets colour: a terminal (not a dumb one), and no NO_COLOR (any value)."""
+    isatty = getattr(stream, "isatty", None)
+    return (
+        isatty is not None
+        and bool(isatty())
+        and "NO_COLOR" not in os.environ
+        and os.environ.get("TERM", "").lower() not in ("dumb", "unknown")
+    )
+
+
+def say_reply(word: str, *, ok: bool) -> None:
+    """A reply word alone on its line: green if it did what was asked, red if not (on a colour
+    terminal; `word` is escaped already)."""
+    if colour(sys.stdout):
+        word = f"{_GREEN if ok else _RED}{word}{_RESET}"
+    say(word)
+
+
 def guarded(command: Callable[[], int]) -> int:
     """Run a command to its exit code: a MessengerError becomes its words and its exit code,
-    an OSError an `Error:` line, never a traceback."""
+    an OSError an `Error:` line, never a traceback. With --json, the outcome is also a JSON line
+    on stdout (`{"reply", "exit", "error"}`, or `{"error", "exit"}` if it is no reply word)."""
     try:
         return command()
     except MessengerError as e:
+        detail = getattr(e, "detail", "")
         if isinstance(e, (Rejected, NoConnection, NoResponse)):
-            say(e.message)
-            detail = getattr(e, "detail", "")
+            if JSON.on:
+                say_json(
+                    {"reply": e.message, "exit": e.exit_code}
+                    | ({"error": detail} if detail else {})
+                )
+            else:
+                say_reply(e.message, ok=False)
             if detail:
                 say(f"messenger: {detail}", err=True)
         else:
+            if JSON.on:
+                say_json({"error": e.message, "exit": e.exit_code})
             say(f"Error: {e.message}", err=True)
         return e.exit_code
     except OSError as e:  # the machine said no: a path, a permission, a socket
+        if JSON.on:
+            say_json({"error": str(e), "exit": 1})
         say(f"Error: {e}", err=True)
         return 1
     except KeyboardInterrupt:

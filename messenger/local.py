@@ -57,36 +57,59 @@ def socket_path(settings: Settings) -> Path:
     return path
 
 
-def message_request(settings: Settings, to: str, words: tuple[str, ...]) -> dict[str, str]:
+def message_request(
+    settings: Settings, to: str, words: tuple[str, ...], *, receipt_ms: int = 0
+) -> dict[str, str]:
     """`messenger message TO WORDS...` as a request: the words joined by spaces, the name and
-    the text checked (InvalidInput says what is wrong)."""
+    the text checked (InvalidInput says what is wrong). `receipt_ms` (`message --wait`): how
+    long the client waits, after `sent`, for the receiver's receipt."""
     text = " ".join(words)
     validate_name(to)
     validate_text(text, settings.max_message_bytes)
-    return {"op": "message", "to": to, "text": text}
+    request = {"op": "message", "to": to, "text": text}
+    if receipt_ms > 0:
+        request["receipt_ms"] = str(receipt_ms)
+    return request
 
 
-def command(settings: Settings, request: dict[str, str]) -> tuple[str, int]:
-    """Have this node's client do `request` as `messenger message` and `logoff` do: the line to
-    print (the reply, escaped: it came from outside this process) and the exit code."""
+# A command waits this long for its answer before it shows a spinner (on a terminal only).
+PATIENCE = 0.5
+
+
+def command(settings: Settings, request: dict[str, str]) -> tuple[str, str, int]:
+    """Have this node's client do `request` as `messenger message` and `logoff` do: the reply
+    (escaped: it came from outside this process), the receipt word (`message --wait`:
+    `delivered` or `not-delivered`; else "") and the exit code (1 for `not-delivered`)."""
     # The client's request waits no longer than this command does (so a request that this
     # command gave up on is never applied), and its answer gets half a second to come back.
     # And if the client reads it late (it hung meanwhile), it knows when this command gave up.
+    # With a receipt wanted, the command also waits the receipt's time after the reply's.
     timeout_ms = settings.reply_timeout_ms
+    receipt_ms = int(request.get("receipt_ms", "0"))
     request = {
         **request,
         "wait_ms": str(timeout_ms),
         "until_ms": str(int(time.time() * 1000) + timeout_ms),
     }
-    answer = ask(settings, request, settings.reply_timeout + 0.5)
+    answer = ask(settings, request, (timeout_ms + receipt_ms) / 1000 + 0.5, spin=True)
     reply: str = answer["reply"]
+    receipt = answer.get("receipt")
+    receipt = printable(receipt) if isinstance(receipt, str) and receipt_ms else ""
     if "exit" in answer:
-        return printable(reply), int(answer["exit"])
-    return printable(reply), 0 if reply in OK_REPLIES else 1
+        return printable(reply), receipt, int(answer["exit"])
+    code = 0 if reply in OK_REPLIES else 1
+    if receipt_ms and code == 0 and receipt != "delivered":
+        code = 1  # not-delivered (or no word at all: nobody says it was shown)
+        receipt = receipt or "not-delivered"
+    return printable(reply), receipt, code
 
 
-def ask(settings: Settings, request: dict[str, str], timeout: float) -> dict[str, Any]:
+def ask(
+    settings: Settings, request: dict[str, str], timeout: float, *, spin: bool = False
+) -> dict[str, Any]:
     """Send one request to this node's client and return its answer, within `timeout` seconds.
+    With `spin`, an answer that takes more than PATIENCE seconds gets a spinner on stderr (on
+    a terminal), erased before this returns.
 
     Raises Rejected(not-logged-on) when no client runs on this node (nothing listens on its
     socket), NoResponse when it does not answer in time or goes away without answering: then
@@ -107,7 +130,7 @@ def ask(settings: Settings, request: dict[str, str], timeout: float) -> dict[str
         try:
             sock.settimeout(_left(deadline))
             sock.sendall(encode_local(request))
-            line = _read_line(sock, line_limit(settings), deadline)
+            line = _read_line(sock, line_limit(settings), deadline, spin)
         except TimeoutError:
             raise NoResponse() from None
         except (ConnectionError, ValueError) as e:  # ValueError: an answer past the line limit
@@ -156,19 +179,50 @@ def _connect(path: str, deadline: float) -> socket.socket:
             raise
 
 
-def _read_line(sock: socket.socket, limit: int, deadline: float) -> bytes:
+def _read_line(sock: socket.socket, limit: int, deadline: float, spin: bool = False) -> bytes:
     """One line, its end included (at the end of the stream: what came before it). A line of
-    more than `limit` bytes is a ValueError."""
+    more than `limit` bytes is a ValueError. With `spin`, a spinner once PATIENCE has passed."""
+    spinner = None
+    # A spinner only ever draws on a terminal: on a pipe nothing more is loaded, ever.
+    patience = time.monotonic() + PATIENCE if spin and _stderr_is_a_terminal() else None
     data = bytearray()
-    while True:
-        sock.settimeout(_left(deadline))
-        chunk = sock.recv(65536)
-        end = chunk.find(b"\n")
-        data += chunk if end < 0 else chunk[: end + 1]
-        if len(data) > limit:
-            raise ValueError(f"an answer of more than {limit} bytes")
-        if end >= 0 or not chunk:
-            return bytes(data)
+    try:
+        while True:
+            left = _left(deadline)
+            if patience is not None:
+                if time.monotonic() >= patience:
+                    # Only now: a command that is answered at once loads nothing more.
+                    from messenger.spinner import Spinner
+
+                    spinner = Spinner("waiting for this node's client", delay=0).start()
+                    patience = None
+                else:
+                    left = min(left, patience - time.monotonic())
+            sock.settimeout(max(left, 0.001))
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                if patience is not None and time.monotonic() < deadline:
+                    continue
+                raise
+            end = chunk.find(b"\n")
+            data += chunk if end < 0 else chunk[: end + 1]
+            if len(data) > limit:
+                raise ValueError(f"an answer of more than {limit} bytes")
+            if end >= 0 or not chunk:
+                return bytes(data)
+    finally:
+        if spinner is not None:
+            spinner.stop()
+
+
+def _stderr_is_a_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 async def call(settings: Settings, request: dict[str, str], timeout: float) -> dict[str, Any]:

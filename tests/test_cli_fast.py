@@ -21,7 +21,19 @@ from tests.harness import Procs, wait_until
 
 # Neither path may need these for a plain `message` or `logoff`; the last three cost it about
 # 30 ms of start-up (docs/performance.md), the first three some 200.
-HEAVY = ("click", "redis", "asyncio", "messenger.cli", "messenger.protocol", "dataclasses")
+# rich (colour) and the spinner are the click path's; the light path loads its own spinner only
+# once an answer has taken half a second (tests/test_output_pty.py).
+HEAVY = (
+    "click",
+    "redis",
+    "asyncio",
+    "messenger.cli",
+    "messenger.protocol",
+    "dataclasses",
+    "rich",
+    "messenger.spinner",
+    "threading",
+)
 
 # The click CLI itself, without the light path in front of it.
 CLICK_MAIN = "import sys; from messenger.cli import main; main(sys.argv[1:])"

@@ -431,6 +431,31 @@ def test_coordinator_waits_for_a_healthy_redis_and_restarts() -> None:
     assert coordinator["restart"] == "unless-stopped"
 
 
+def test_the_coordinator_s_healthcheck_is_messenger_health() -> None:
+    coordinator = services()["coordinator"]
+    check = coordinator["healthcheck"]
+    test = as_argv(check["test"])
+    assert test[0] == "CMD", "exec form: no shell between Docker and `messenger health`"
+    argv = test[1:]
+    assert argv[:2] == ["messenger", "health"]
+    check_messenger_argv(argv, service_env(coordinator))  # a real command, valid options
+    ctx = parse_messenger_args(argv[1:], service_env(coordinator))
+    reply_timeout = ctx.params["reply_timeout"] or Settings().reply_timeout
+    # The command gives up (exit 3) before Docker would kill it.
+    assert reply_timeout < duration(check["timeout"])
+    assert duration(check["interval"]) > 0
+    assert services()["client"]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+
+
+def duration(text: str) -> float:
+    """A compose duration such as `4s`, `1m30s`, `500ms`, in seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    assert parts, text
+    assert "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def test_client_is_an_interactive_opt_in_service() -> None:
     client = services()["client"]
     assert "client" in client["profiles"]
