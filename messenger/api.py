@@ -27,10 +27,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from messenger import acl, local
+from messenger import local
 from messenger.client import Client, list_users
-from messenger.connection import connect as connect_redis
-from messenger.connection import describe, explain, resolve_url
+from messenger.connection import describe, explain
 from messenger.errors import NoConnection, Rejected
 from messenger.protocol import MessageEvent, PresenceEvent, Reply
 from messenger.settings import Settings
@@ -168,18 +167,13 @@ async def connect(
     local.ensure_runtime_dir(settings)
     if await local.client_alive(settings):
         raise Rejected(Reply.ALREADY_LOGGED_ON)
-    url = resolve_url(settings)
-    timeout = min(2.0, settings.reply_timeout)
-    redis = connect_redis(url, socket_timeout=timeout, tls=settings.tls)
-    hb_url = acl.heartbeat_url(url)
-    hb = None if hb_url is None else connect_redis(hb_url, socket_timeout=timeout, tls=settings.tls)
     session: Session | None = None
 
     def event(e: MessageEvent | PresenceEvent) -> None:
         assert session is not None  # made before the logon, which is when events can come
         session._event(e)
 
-    client = Client(redis, settings, name, heartbeat_redis=hb, on_event=event, presence=presence)
+    client = Client.for_settings(settings, name, on_event=event, presence=presence)
     session = Session(client)
     logged_on = False
     try:

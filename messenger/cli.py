@@ -261,21 +261,6 @@ def _show_message(event: MessageEvent) -> None:
 
 async def _logon(name: str, settings: Settings) -> None:
     local.ensure_runtime_dir(settings)
-    spinner = Spinner("logging on").start()
-    try:
-        if await local.client_alive(settings):
-            raise Rejected(Reply.ALREADY_LOGGED_ON)
-        url = resolve_url(settings)
-        timeout = min(2.0, settings.reply_timeout)
-        redis = connect(url, socket_timeout=timeout, tls=settings.tls)
-        # The heartbeat goes through its own Redis user when the URL names a client user (acl).
-        hb_url = acl.heartbeat_url(url)
-        hb_redis = (
-            None if hb_url is None else connect(hb_url, socket_timeout=timeout, tls=settings.tls)
-        )
-    except BaseException:
-        spinner.stop()
-        raise
     # Messages that come before `logged-on` is printed (one may be applied right after the
     # logon, before its reply is even read) wait here until it is; each is acknowledged (the
     # sender's `delivered`) once printed, never before.
@@ -290,7 +275,14 @@ async def _logon(name: str, settings: Settings) -> None:
         _show_message(event)
         client.acknowledge(event.msg_id)
 
-    client = Client(redis, settings, name, heartbeat_redis=hb_redis, on_event=on_event)
+    spinner = Spinner("logging on").start()
+    try:
+        if await local.client_alive(settings):
+            raise Rejected(Reply.ALREADY_LOGGED_ON)
+        client = Client.for_settings(settings, name, on_event=on_event)
+    except BaseException:
+        spinner.stop()
+        raise
     try:
         try:
             await client.logon()

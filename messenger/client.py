@@ -25,8 +25,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from messenger import local
-from messenger.connection import describe, explain
+from messenger import acl, local
+from messenger.connection import connect, describe, explain, resolve_url
 from messenger.errors import (
     ClientFailure,
     MessengerError,
@@ -152,6 +152,19 @@ class Client:
         self._alive_since = time.monotonic()  # when the last heartbeat that worked was sent
         self._trouble: str | None = None  # what went wrong with Redis since the last good beat
         self._lost_at = 0.0  # when the pub/sub connection was last lost
+
+    @classmethod
+    def for_settings(cls, settings: Settings, name: str, **kwargs: Any) -> Client:
+        """A node's client as every front end makes it (`logon`, `chat`, messenger.connect):
+        Redis from the settings (or this host's embedded server), with short socket timeouts
+        (a client must notice a lost Redis within its heartbeat TTL), and the heartbeat on its
+        own Redis user when the URL names a client user (acl). `kwargs` go to the client."""
+        url = resolve_url(settings)
+        timeout = min(2.0, settings.reply_timeout)
+        redis = connect(url, socket_timeout=timeout, tls=settings.tls)
+        hb_url = acl.heartbeat_url(url)
+        hb = None if hb_url is None else connect(hb_url, socket_timeout=timeout, tls=settings.tls)
+        return cls(redis, settings, name, heartbeat_redis=hb, **kwargs)
 
     # --- life cycle -------------------------------------------------------------------------
 
