@@ -270,3 +270,32 @@ def test_line_mode_json(procs: Procs) -> None:
     assert events[-1] == {"event": "reply", "op": "logoff", "reply": "logged-off"}
     bob.wait_line("^Message from alice: hi$", 10)
     assert not ESC.search(proc.stdout)
+
+
+def test_what_comes_from_redis_cannot_drive_the_terminal(procs: Procs, ptys: list[Pty]) -> None:
+    procs.server()
+    procs.logon("bob", "n2")
+    alice = chat(procs, ptys, "alice", "n1")
+    alice.send("@bob typing")
+    alice.expect("alice> @bob typing$")
+    evil = "\x1b[2J\x1b[H\rgotcha"  # clear the screen, home, carriage return
+    assert procs.run("message", "alice", evil, "--node", "n2")[:2] == (0, ["sent"])
+    alice.expect(r"Message from bob: \\x1b\[2J\\x1b\[H\\x0dgotcha")
+    assert "logged-on" in alice.screen()  # not cleared
+    assert alice.prompt_line() == "alice> @bob typing"
+
+
+def test_a_hung_peer_leaves_with_timeout(procs: Procs, ptys: list[Pty]) -> None:
+    procs.server()
+    alice = chat(procs, ptys, "alice", "n1")
+    bob = procs.logon("bob", "n2")
+    alice.expect(r"\* bob is on \(n2\)")
+    bob.signal(signal.SIGSTOP)  # hung: its heartbeat stops (cleanup sends SIGCONT, then kills)
+    alice.expect(r"\* bob left \(timeout, n2\)", timeout=20)
+    assert alice.child.isalive()
+
+
+def test_a_second_client_on_the_node_is_refused(procs: Procs) -> None:
+    procs.server()
+    procs.logon("bob", "n1")
+    assert procs.run("chat", "alice", "--node", "n1")[:2] == (1, ["already-logged-on"])
