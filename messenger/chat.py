@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -28,10 +29,11 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
+from redis.exceptions import RedisError
 
 from messenger import acl, local
 from messenger.client import Client, format_message, list_users
-from messenger.connection import connect, resolve_url
+from messenger.connection import connect, explain, resolve_url
 from messenger.errors import MessengerError, Rejected
 from messenger.protocol import MessageEvent, PresenceEvent, Reply, printable
 from messenger.settings import Settings
@@ -135,8 +137,18 @@ class Chat:
         for event in held:
             self.on_event(event)
 
-    def who(self) -> None:
-        users = sorted(self.names.items())
+    async def who(self) -> None:
+        """Who is on, from the public list now (what presence said, if Redis cannot say)."""
+        try:
+            got = await list_users(self.client.redis, self.client.settings.prefix)
+        except (RedisError, OSError) as e:
+            why = explain(e) if isinstance(e, RedisError) else str(e)
+            self.show("error", f"could not read the list ({printable(why)})", {"error": why})
+            users = sorted(self.names.items())
+        else:
+            users = got.users
+            self.names.clear()
+            self.names.update(users)
         rows = [(printable(n), printable(node)) for n, node in users]
         width = max((len(n) for n, _ in rows), default=0)
         text = "\n".join(f"  {n.ljust(width)}  {node}" for n, node in rows) or "  nobody"
@@ -250,7 +262,7 @@ async def _do(chat: Chat, line: str, *, wait: bool) -> bool:
         if wait:
             await task
     elif p.op == "who":
-        chat.who()
+        await chat.who()
     elif p.op == "help":
         chat.show("info", HELP, {"help": HELP})
     elif p.op == "logoff":
@@ -345,9 +357,21 @@ class Terminal:
                 if not await _do(chat, line, wait=False):
                     return
 
-        # Anything else printed meanwhile (a log line) goes above the prompt too.
+        # Anything else printed meanwhile goes above the prompt too: stdout, and the log lines
+        # (a reconnection's warnings) whose handler holds the real stderr.
         with patch_stdout(raw=True):
-            return await _until_finished(chat, asyncio.create_task(body()))
+            handlers = [
+                (h, h.stream)
+                for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__
+            ]
+            for handler, _ in handlers:
+                handler.setStream(sys.stderr)
+            try:
+                return await _until_finished(chat, asyncio.create_task(body()))
+            finally:
+                for handler, stream in handlers:
+                    handler.setStream(stream)
 
     def close(self) -> None:
         pass
