@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -31,9 +30,9 @@ from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from redis.exceptions import RedisError
 
-from messenger import acl, local
+from messenger import entry, local
 from messenger.client import Client, format_message, list_users
-from messenger.connection import connect, explain, resolve_url
+from messenger.connection import explain
 from messenger.errors import MessengerError, Rejected
 from messenger.protocol import MessageEvent, PresenceEvent, Reply, printable
 from messenger.settings import Settings
@@ -113,12 +112,12 @@ class Chat:
             )
             self.client.acknowledge(event.msg_id)  # shown: that is its sender's `delivered`
             return
-        fields = {
-            "kind": event.kind,
+        fields = {  # as `who --watch --json` prints them (docs/cli-json.md)
+            "event": event.kind,
             "name": event.name,
             "node": event.node,
-            "at_ms": event.at_ms,
-            "reason": event.reason,
+            "at": event.at_ms,
+            "reason": event.reason or None,
         }
         if event.kind == "logon":
             self.names[event.name] = event.node
@@ -162,7 +161,7 @@ class Chat:
 
     async def _send(self, to: str, text: str, *, wait: bool) -> None:
         shown = f"{printable(to)}: {printable(text)}"
-        fields: dict[str, Any] = {"op": "message", "to": to, "text": text}
+        fields: dict[str, Any] = {"to": to, "text": text}
         try:
             reply, receipt = await self.client.send_with_receipt(to, text, receipt_ms=RECEIPT_MS)
         except MessengerError as e:
@@ -179,9 +178,9 @@ class Chat:
         if not delivered and self.client.finished.done():
             return  # the chat is ending: its waits were cut short, nothing was learnt
         if delivered:
-            self.show("receipt", f"✓ delivered {shown}", fields | {"delivered": True})
+            self.show("receipt", f"✓ delivered {shown}", fields | {"receipt": "delivered"})
         else:
-            self.show("receipt", f"? no receipt for {shown}", fields | {"delivered": False})
+            self.show("receipt", f"? no receipt for {shown}", fields | {"receipt": "not-delivered"})
 
     async def logoff(self) -> None:
         await self.client.leave()
@@ -197,26 +196,14 @@ async def run(name: str, settings: Settings, *, as_json: bool = False) -> None:
     local.ensure_runtime_dir(settings)
     if await local.client_alive(settings):
         raise Rejected(Reply.ALREADY_LOGGED_ON)
-    url = resolve_url(settings)
-    timeout = min(2.0, settings.reply_timeout)
-    redis = connect(url, socket_timeout=timeout, tls=settings.tls)
-    hb_url = acl.heartbeat_url(url)
-    hb_redis = None if hb_url is None else connect(hb_url, socket_timeout=timeout, tls=settings.tls)
     ui: Terminal | Lines = Terminal() if tty else Lines(as_json)
     chat_box: list[Chat] = []
 
     def on_event(event: MessageEvent | PresenceEvent) -> None:
         chat_box[0].on_event(event)
 
-    client = Client(
-        redis,
-        settings,
-        name,
-        out=lambda line: ui.show("info", line, {}),
-        heartbeat_redis=hb_redis,
-        on_event=on_event,
-        presence=True,
-    )
+    # Made as `messenger logon` makes it: the same Redis users and timeouts.
+    client = Client.for_settings(settings, name, on_event=on_event, presence=True)
     chat = Chat(client, ui.show)
     chat_box.append(chat)
     try:
@@ -226,9 +213,9 @@ async def run(name: str, settings: Settings, *, as_json: bool = False) -> None:
         # A polite kill is a logoff (on a pipe Ctrl-C too; on a terminal Ctrl-C is a key).
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(client.leave()))
-        ui.show("reply", Reply.LOGGED_ON.value, {"op": "logon", "reply": Reply.LOGGED_ON.value})
+        ui.show("reply", Reply.LOGGED_ON.value, {"op": "logon"})
         try:
-            users = (await list_users(redis, settings.prefix)).users
+            users = (await list_users(client.redis, settings.prefix)).users
         except Exception:  # completion and /who start from presence alone then
             users = []
         await chat.start(users)
@@ -238,7 +225,7 @@ async def run(name: str, settings: Settings, *, as_json: bool = False) -> None:
         await client.close()
     if reason is not None:
         raise reason
-    ui.show("reply", Reply.LOGGED_OFF.value, {"op": "logoff", "reply": Reply.LOGGED_OFF.value})
+    ui.show("reply", Reply.LOGGED_OFF.value, {"op": "logoff"})
 
 
 async def _until_finished(chat: Chat, loop_body: asyncio.Task[None]) -> MessengerError | None:
@@ -272,6 +259,15 @@ async def _do(chat: Chat, line: str, *, wait: bool) -> bool:
     return True
 
 
+def _json_line(kind: str, text: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """What --json prints for a line (docs/chat.md): the conventions of docs/cli-json.md."""
+    if kind == "reply" and "op" in fields:  # the logon's reply, and the outcome of the logoff
+        return {"reply": text} | ({"exit": 0} if fields["op"] == "logoff" else {})
+    if kind == "presence":
+        return fields
+    return {"event": kind, **fields}
+
+
 class Lines:
     """Pipes and scripts: a line per command in, a line per reply out (or a JSON object)."""
 
@@ -279,22 +275,20 @@ class Lines:
         self.as_json = as_json
 
     def show(self, kind: str, text: str, fields: dict[str, Any]) -> None:
-        if self.as_json:
-            line = json.dumps({"event": kind, **fields})
-        elif kind == "reply" and fields["op"] != "message":
-            line = text  # logged-on, logged-off: exactly as `messenger logon`
-        elif kind == "reply":
-            line = fields["reply"]  # the reply word alone, as `messenger message` prints it
-        elif kind == "receipt":
-            word = "delivered" if fields["delivered"] else "not-delivered"
-            line = f"{word} {printable(fields['to'])}: {printable(fields['text'])}"
-        else:
-            line = text
         try:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            if self.as_json:
+                entry.say_json(_json_line(kind, text, fields))
+            elif kind == "reply" and "op" in fields:  # logged-on, logged-off: as `logon` says them
+                entry.say_reply(text, ok=True)
+            elif kind == "reply":  # the reply word alone, as `messenger message` prints it
+                entry.say_reply(printable(fields["reply"]), ok=fields["reply"] == Reply.SENT)
+            elif kind == "receipt":
+                to, said = printable(fields["to"]), printable(fields["text"])
+                entry.say(f"{fields['receipt']} {to}: {said}")
+            else:
+                entry.say(text)
         except (BrokenPipeError, ValueError):
-            pass
+            pass  # whoever read stdout is gone; the chat ends with its input
 
     async def run(self, chat: Chat) -> MessengerError | None:
         loop = asyncio.get_running_loop()
@@ -329,11 +323,13 @@ class Terminal:
     def show(self, kind: str, text: str, fields: dict[str, Any]) -> None:
         style = {
             "presence": "fg:ansibrightblack",
-            "receipt": "fg:ansigreen" if fields.get("delivered") else "fg:ansibrightblack",
+            "receipt": "fg:ansigreen"
+            if fields.get("receipt") == "delivered"
+            else "fg:ansibrightblack",
             "error": "fg:ansired",
             "message": "bold",
         }.get(kind, "")
-        if kind == "reply" and fields.get("reply") not in (None, "sent", "logged-on"):
+        if kind == "reply" and fields.get("reply", "sent") != "sent":
             style = "fg:ansired"
         # `text` is escaped already; print_formatted_text prints above a running prompt.
         print_formatted_text(FormattedText([(style, text)]))

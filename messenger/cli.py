@@ -316,13 +316,7 @@ async def _logon(name: str, settings: Settings) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help='Line mode with every output line a JSON object: {"event": reply|message|presence|'
-    "receipt|who|info|error, ...} (docs/chat.md lists the fields).",
-)
+@json_option
 @common_options
 def chat(name: str, *, as_json: bool, settings: Settings, verbose: bool) -> None:
     """Log NAME on at this node and chat: an input line at the bottom, messages above it.
@@ -332,10 +326,12 @@ def chat(name: str, *, as_json: bool, settings: Settings, verbose: bool) -> None
     Tab completes names, Up recalls history, Ctrl-C clears the line. `messenger message` and
     `logoff` from other terminals of this node still work. On a pipe (stdin or stdout not a
     terminal): one command per input line, the reply words alone on their lines, the end of
-    input logs off. Ends, and exits, as `messenger logon` does. See docs/chat.md.
+    input logs off. Ends, and exits, as `messenger logon` does. --json: line mode, every
+    output line a JSON object (docs/chat.md lists them). See docs/chat.md.
     """
     from messenger import chat as chat_mode  # prompt_toolkit: only for this command
 
+    _json(as_json)
     _setup_logging(logging.DEBUG if verbose else logging.WARNING)
     validate_name(name)
     asyncio.run(chat_mode.run(name, settings, as_json=as_json))

@@ -263,11 +263,14 @@ def test_line_mode_json(procs: Procs) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert events[0] == {"event": "reply", "op": "logon", "reply": "logged-on"}
-    assert {"event": "reply", "op": "message", "to": "bob", "text": "hi", "reply": "sent"} in events
-    who = next(e for e in events if e["event"] == "who")
+    assert events[0] == {"reply": "logged-on"}
+    assert {"event": "reply", "to": "bob", "text": "hi", "reply": "sent"} in events
+    assert {"event": "logon", "name": "alice", "node": "n1", "reason": None} in [
+        {k: v for k, v in e.items() if k != "at"} for e in events
+    ]
+    who = next(e for e in events if e.get("event") == "who")
     assert {"name": "bob", "node": "n2"} in who["users"]
-    assert events[-1] == {"event": "reply", "op": "logoff", "reply": "logged-off"}
+    assert events[-1] == {"reply": "logged-off", "exit": 0}
     bob.wait_line("^Message from alice: hi$", 10)
     assert not ESC.search(proc.stdout)
 
@@ -299,3 +302,37 @@ def test_a_second_client_on_the_node_is_refused(procs: Procs) -> None:
     procs.server()
     procs.logon("bob", "n1")
     assert procs.run("chat", "alice", "--node", "n1")[:2] == (1, ["already-logged-on"])
+    code, out, _ = procs.run("chat", "alice", "--node", "n1", "--json")
+    assert (code, [json.loads(x) for x in out]) == (
+        1,
+        [{"reply": "already-logged-on", "exit": 1}],
+    )
+
+
+def test_a_stopped_server_ends_line_mode_with_noconnection(procs: Procs) -> None:
+    server = procs.server()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "messenger", "chat", "alice", "--node", "n1", "--json"],
+        env=procs.env,
+        stdin=subprocess.PIPE,  # kept open: the chat waits for commands
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline()) == {"reply": "logged-on"}
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit(15) == 0
+        assert proc.wait(15) == 3
+        last = json.loads(proc.stdout.read().splitlines()[-1])
+        assert (last["reply"], last["exit"]) == ("noconnection", 3)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    code, out, _ = procs.run("chat", "alice", "--node", "n1")
+    assert (code, out) == (3, ["noconnection"])
