@@ -132,6 +132,26 @@ def test_typed_text_survives_an_incoming_message_and_the_line_is_marked_delivere
     ]
 
 
+def test_typing_through_a_burst_of_messages(procs: Procs, ptys: list[Pty]) -> None:
+    procs.server()
+    bob = procs.logon("bob", "n2")
+    alice = chat(procs, ptys, "alice", "n1")
+    typed = ""
+    for i in range(6):  # a key, a message, a key, ...: each message lands mid-line
+        typed += "@bob " if i == 0 else f"w{i} "
+        alice.send("@bob " if i == 0 else f"w{i} ")
+        alice.expect(f"alice> {re.escape(typed.rstrip())}$")
+        assert procs.run("message", "alice", f"m{i}", "--node", "n2")[:2] == (0, ["sent"])
+        alice.expect(f"^Message from bob: m{i}$")
+        assert alice.prompt_line() == f"alice> {typed}".rstrip()
+    alice.send("end\r")
+    alice.expect(r"✓ delivered bob: w1 w2 w3 w4 w5 end")
+    bob.wait_line("^Message from alice: ", 10)
+    assert [x for x in bob.out if x.startswith("Message from alice")] == [
+        "Message from alice: w1 w2 w3 w4 w5 end"
+    ]
+
+
 def test_completion_history_who_help_and_presence(procs: Procs, ptys: list[Pty]) -> None:
     procs.server()
     alice = chat(procs, ptys, "alice", "n1")
