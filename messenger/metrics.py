@@ -201,7 +201,7 @@ class Metrics:
         )
         self._batch = Histogram(
             "messenger_batch_size",
-            "Requests per batch script (scripts that carried at least one).",
+            "Decoded requests per batch script (scripts that carried at least one).",
             buckets=BATCH_BUCKETS,
             registry=r,
         )
