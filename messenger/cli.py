@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -30,6 +32,9 @@ from messenger.options import Kind
 from messenger.protocol import MessageEvent, PresenceEvent, Reply, printable, validate_name
 from messenger.settings import Settings
 from messenger.spinner import Spinner
+
+if TYPE_CHECKING:
+    from messenger.metrics import Metrics, MetricsServer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -149,9 +154,33 @@ def cli(**_settings: Any) -> None:
 
 
 @cli.command()
+# The server's own options (like `who --json`), not settings every command shares.
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar="MESSENGER_METRICS_PORT",
+    show_envvar=True,
+    help="Serve Prometheus metrics over HTTP on this port (0: one the OS picks, logged). "
+    "Default: no metrics.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="MESSENGER_METRICS_HOST",
+    show_envvar=True,
+    help="Address the metrics server listens on (0.0.0.0: every interface).",
+)
 @json_option
 @common_options
-def server(*, as_json: bool, settings: Settings, verbose: bool) -> None:
+def server(
+    *,
+    as_json: bool,
+    settings: Settings,
+    verbose: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+) -> None:
     """Run the coordinator (the seed's server).
 
     With no Redis URL it starts an embedded redis-server on 127.0.0.1 and publishes its address
@@ -163,6 +192,8 @@ def server(*, as_json: bool, settings: Settings, verbose: bool) -> None:
     embedded: EmbeddedRedis | None = None
     path = server_file(settings)
     url = settings.redis_url
+    # First of all: a port that cannot be had is refused before anything is started.
+    metrics, metrics_server = _start_metrics(metrics_host, metrics_port)
     try:
         if url is None and settings.tls is not None:
             # Refused before anything starts: the embedded Redis speaks plain TCP on 127.0.0.1.
@@ -194,12 +225,42 @@ def server(*, as_json: bool, settings: Settings, verbose: bool) -> None:
                 path,
             )
         redis = connect(url, socket_timeout=max(5.0, settings.reply_timeout), tls=settings.tls)
-        asyncio.run(_serve(Coordinator(redis, settings, client_password=client_password)))
+        coordinator = Coordinator(redis, settings, client_password=client_password, metrics=metrics)
+        asyncio.run(_serve(coordinator))
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         if embedded is not None:
             path.unlink(missing_ok=True)
             embedded.stop()
             log.info("embedded redis-server stopped")
+
+
+def _start_metrics(host: str, port: int | None) -> tuple[Metrics | None, MetricsServer | None]:
+    """The coordinator's metrics and their HTTP server, or (None, None) without a port."""
+    if port is None:
+        return None, None
+    # Imported here: prometheus-client is the server's alone, and only with --metrics-port.
+    from messenger.metrics import Metrics
+
+    metrics = Metrics()
+    try:
+        metrics_server = metrics.serve(host, port)
+    except OSError as e:
+        # A name that does not resolve, or an address that is not this host's, is the host's
+        # fault; anything else (taken, privileged) the port's.
+        blame = (
+            "--metrics-host (or MESSENGER_METRICS_HOST)"
+            if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL
+            else "--metrics-port (or MESSENGER_METRICS_PORT)"
+        )
+        why = e.strerror or str(e)
+        raise ConfigError(f"{blame}: cannot listen on {host!r} port {port}: {why}") from None
+    shown_host, shown_port = metrics_server.address
+    if ":" in shown_host:
+        shown_host = f"[{shown_host}]"
+    log.info("metrics on http://%s:%d/metrics", shown_host, shown_port)
+    return metrics, metrics_server
 
 
 def _refuse_second_embedded(settings: Settings) -> None:

@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import SentinelConnectionPool
@@ -53,6 +53,9 @@ from messenger.protocol import (
 from messenger.ratelimit import RateLimiter
 from messenger.scripts import Job, Scripts
 from messenger.settings import Settings
+
+if TYPE_CHECKING:  # only `messenger server --metrics-port` imports prometheus-client
+    from messenger.metrics import Metrics
 
 log = logging.getLogger("messenger.coordinator")
 
@@ -191,6 +194,7 @@ class Coordinator:
         settings: timings and the key prefix.
         clock: a fake clock for deterministic tests; None uses Redis's clock.
         coordinator_id: the lease value and consumer name; random by default.
+        metrics: where to count what it does (messenger/metrics.py); None: nothing is counted.
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class Coordinator:
         clock: Clock | None = None,
         coordinator_id: str | None = None,
         client_password: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -229,6 +234,9 @@ class Coordinator:
         self._outage_began: float | None = None  # when Redis went away, until given back
         self._primary_check: asyncio.Task[PrimaryMoved | None] | None = None
         self._started = time.time()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.identify(self.id)
 
     def _now(self) -> int | None:
         return None if self.clock is None else self.clock()
@@ -389,6 +397,8 @@ class Coordinator:
             # A bug, for the decoder turns every input into ProtocolError; the entry is dropped
             # all the same, or it would break every retry of its batch.
             log.exception("dropped a request its decoder failed on")
+        if self.metrics is not None:
+            self.metrics.dropped("malformed")
         return None
 
     async def _apply_batch(
@@ -420,6 +430,8 @@ class Coordinator:
                 # No session id in the reason: garbage with a new one each time would make a
                 # new reason (a log line) each time.
                 self.dropped.note(f"unauthenticated {r.kind}: unknown session or bad signature")
+                if self.metrics is not None:
+                    self.metrics.dropped("unauthenticated")
                 continue
             if self._over_limit(r):
                 # Refused before any script runs, and nothing is applied, so there is no `done`
@@ -451,8 +463,14 @@ class Coordinator:
             self._taken = done.entries
             for _ in range(done.dropped):
                 self.dropped.note("longer than any request")
+            if done.dropped and self.metrics is not None:
+                self.metrics.dropped("oversized", done.dropped)
+        if done.replaced and self.metrics is not None:
+            self.metrics.removed("replaced", done.replaced)
         for (i, r, known), result in zip(jobs, done.replies, strict=True):
             replies[i] = self._applied(r, known, result)
+        if self.metrics is not None:  # once a batch, never once a request
+            self.metrics.answered(batch, replies, self._now())
         changed = [r for (i, r, _) in jobs if replies[i] in (Reply.LOGGED_ON, Reply.LOGGED_OFF)]
         if changed:
             await self._after_changes(changed)
@@ -470,6 +488,8 @@ class Coordinator:
         """What the script of one request did, noted here; its reply word (None: it failed)."""
         if isinstance(result, ResponseError):
             log.error("request %s (%s) failed in Redis: %s", r.req[:8], r.kind, result)
+            if self.metrics is not None:
+                self.metrics.failed(r.kind)
             return None
         if result == "not-yours":
             # A receipt signed by a session the message did not go to: a forgery, or a bug.
@@ -525,6 +545,9 @@ class Coordinator:
             removed += gone
             if due < _SWEEP_CHUNK:
                 break
+        if self.metrics is not None:
+            self.metrics.swept()
+            self.metrics.removed("timeout", len(removed))
         if removed:
             await self.log_list("expiry")
         return removed
@@ -544,6 +567,8 @@ class Coordinator:
                 if what == "crashed":
                     removed.append((sid, name, node))
                     log.info("%s@%s lost its connection (a crash): logged off", name, node)
+        if self.metrics is not None:
+            self.metrics.removed("crash", len(removed))
         if removed:
             await self.log_list("crash")
         return removed
@@ -558,6 +583,8 @@ class Coordinator:
             started = time.monotonic()
             await self.sweep()
             await self.remove_crashed()
+            if self.metrics is not None:
+                await self.metrics.sample(self.redis, self.keys)
             await _wait(stop, started + interval - time.monotonic())
 
     async def log_list(self, why: str) -> None:
@@ -622,6 +649,8 @@ class Coordinator:
         if not await self.acquire_lease(stop):
             return
         self.active = True
+        if self.metrics is not None:
+            await self.metrics.activated(self.redis)
         await self._provision()
         await self._give_outage_back()
         # Redis may have restarted since the last activation: no inbox counts as seen.
@@ -750,6 +779,8 @@ class Coordinator:
             log.warning("could not log off the sessions of the stopped server: %s", e)
         if removed:
             log.info("logged off %d sessions: the server stopped", removed)
+            if self.metrics is not None:
+                self.metrics.removed("server", removed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """serve() until stopped; a lost Redis or lease is logged and retried, never fatal.
@@ -765,7 +796,11 @@ class Coordinator:
         while not stop.is_set():
             self._reached_redis = False
             try:
-                await self.serve(stop)
+                try:
+                    await self.serve(stop)
+                finally:
+                    if self.metrics is not None:  # whatever ended serve(), it serves no more
+                        self.metrics.deactivated()
             except RedisError as e:
                 now = time.monotonic()
                 if self._reached_redis:  # it worked a moment ago: an outage starts now

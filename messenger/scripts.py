@@ -121,9 +121,10 @@ end
 # One batch of the coordinator's, all in one atomic step: apply its requests in order, publish
 # its refusals, forget (trim) the entries it came from, and take the next batch. So a batch
 # is either applied and forgotten, or not at all (then it stays in flight for the next try), and
-# the coordinator needs one round trip a batch. Returns {n, reply 1..n, dropped, entry...}: each
-# reply is the request's word, `expired`, or `!` and the error it failed with (the others still
-# apply); then how many oversized entries the take dropped, and the next batch's entries.
+# the coordinator needs one round trip a batch. Returns {n, reply 1..n, dropped, replaced,
+# entry...}: each reply is the request's word, `expired`, or `!` and the error it failed with (the
+# others still apply); then how many oversized entries the take dropped, how many dead sessions
+# its logons removed (presence reason `replaced`), and the next batch's entries.
 _BATCH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('NOTLEADER this coordinator does not hold the lease')
@@ -144,13 +145,16 @@ end
 -- here (not only at its deadline) lets a node or name whose client crashed log on again at once,
 -- while a hung client (its connection still open) keeps its session until the sweep.
 -- An index entry whose session is gone is stale: the new session's entries overwrite it.
+local replaced = 0  -- dead sessions a logon removed (taken), for the coordinator's metrics
 local function taken(owner)
   if not owner then return false end
   local raw = redis.call('HGET', S, owner)
   if not raw then return false end
   local inbox = record(raw).inbox
   if inbox and redis.call('PUBSUB', 'NUMSUB', inbox)[2] > 0 then return true end
-  remove_session(S, NAMES, NODES, USERS, DEADLINES, owner, gone, gone_ttl, 'replaced', now)
+  if remove_session(S, NAMES, NODES, USERS, DEADLINES, owner, gone, gone_ttl, 'replaced', now) then
+    replaced = replaced + 1
+  end
   return false
 end
 
@@ -285,6 +289,7 @@ if trim > 0 then redis.call('LTRIM', KEYS[8], trim, -1) end
 local most, budget, longest = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local dropped_at, dropped, seen, entries = #out + 1, 0, 0, 0
 table.insert(out, 0)
+table.insert(out, replaced)
 if most > 0 then
   for i, e in ipairs(redis.call('LRANGE', KEYS[8], 0, most - 1)) do
     if #e > longest then
@@ -517,6 +522,7 @@ class Batch:
     replies: list[str | ResponseError]
     dropped: int
     entries: list[str]
+    replaced: int = 0  # dead sessions its logons removed
 
 
 @dataclass(frozen=True)
@@ -639,7 +645,7 @@ class Scripts:
         replies: list[str | ResponseError] = [
             ResponseError(word[1:]) if word.startswith("!") else word for word in items[1 : n + 1]
         ]
-        return Batch(replies, int(items[n + 1]), items[n + 2 :])
+        return Batch(replies, int(items[n + 1]), items[n + 3 :], int(items[n + 2]))
 
     async def sweep(
         self, coordinator: str, limit: int = 100, now: int | None = None
