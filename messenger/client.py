@@ -152,6 +152,7 @@ class Client:
         self._alive_since = time.monotonic()  # when the last heartbeat that worked was sent
         self._trouble: str | None = None  # what went wrong with Redis since the last good beat
         self._lost_at = 0.0  # when the pub/sub connection was last lost
+        self._leaving = False  # a logoff is on its way
 
     @classmethod
     def for_settings(cls, settings: Settings, name: str, **kwargs: Any) -> Client:
@@ -467,6 +468,7 @@ class Client:
 
     async def logoff(self, *, wait_ms: int = 0) -> Reply:
         """Log off; the client stops cleanly whatever the server answers."""
+        self._leaving = True
         try:
             reply = await self.request(self._new("logoff", wait_ms=wait_ms))
         except Rejected as e:
@@ -648,6 +650,11 @@ class Client:
                 self._trouble, failed = f"Redis at {describe(self.heartbeat_redis)}: {said}", True
                 continue
             failed = False
+            if not alive and self._leaving:
+                # The logoff script deletes the key and publishes its reply in one step: a beat
+                # that sees the key gone first must not make the logoff a `you-are-not-logged-on`.
+                # The reply decides (or the request's timeout does).
+                continue
             if not alive:
                 # Removed: for a reason the coordinator had (it hung past its deadline), or
                 # with everything else when Redis lost its data.

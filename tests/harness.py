@@ -5,6 +5,7 @@ Every process is started by this module and ended by its own PID; nothing else i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -158,3 +159,9 @@ class Procs:
             for stream in (proc.popen.stdout, proc.popen.stderr):
                 if stream is not None:
                     stream.close()
+
+
+def who_json(out: list[str]) -> list[dict[str, str]]:
+    """`who --json`'s stdout (one object per user, docs/cli-json.md) as [{"name", "node"}]."""
+    users = [json.loads(line) for line in out]
+    return [{"name": u["name"], "node": u["node"]} for u in users]

@@ -26,7 +26,7 @@ import redis
 from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
 from tests.conftest import procs_on
-from tests.harness import Proc, Procs, wait_until
+from tests.harness import Proc, Procs, wait_until, who_json
 
 pytestmark = pytest.mark.integration
 
@@ -318,7 +318,7 @@ def test_sigkilled_client_is_logged_off_at_once(procs: Procs, store: Store) -> N
     procs.logon("alice", "n2")
     code, out, _ = procs.run("who", "--json")
     assert code == 0
-    assert json.loads(out[0]) == [{"name": "alice", "node": "n2"}]
+    assert who_json(out) == [{"name": "alice", "node": "n2"}]
 
 
 # --- 2. a hung client (SIGSTOP), then SIGCONT: fenced off -------------------------------------
@@ -405,7 +405,7 @@ def test_clean_logoff_removes_user_at_once(procs: Procs, store: Store) -> None:
     alice = procs.logon("alice", "n1")
     code, out, _ = procs.run("who", "--json")
     assert code == 0
-    assert json.loads(out[0]) == [{"name": "alice", "node": "n1"}]
+    assert who_json(out) == [{"name": "alice", "node": "n1"}]
     sid = store.sid("alice")
     assert sid is not None
 
@@ -416,7 +416,7 @@ def test_clean_logoff_removes_user_at_once(procs: Procs, store: Store) -> None:
     assert not store.has_session(sid)
     assert store.deadline(sid) is None
     code, out, _ = procs.run("who", "--json")
-    assert (code, out) == (0, ["[]"])
+    assert (code, who_json(out)) == (0, [])
 
     assert alice.wait_exit(5.0) == 0, f"stdout={alice.out} stderr={alice.err[-10:]}"
     assert alice.out == ["logged-on", "logged-off"]
@@ -488,7 +488,7 @@ def test_embedded_redis_zero_config_chat_and_sigterm_cleanup(
     bob.wait_line(r"^Message from alice: zero config$", 5.0)
     code, out, _ = no_url_procs.run("who", "--json")
     assert code == 0
-    assert json.loads(out[0]) == [{"name": "alice", "node": "n1"}, {"name": "bob", "node": "n2"}]
+    assert who_json(out) == [{"name": "alice", "node": "n1"}, {"name": "bob", "node": "n2"}]
 
     stopped_at = time.monotonic()
     server.signal(signal.SIGTERM)

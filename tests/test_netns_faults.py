@@ -12,7 +12,6 @@ Root only: skips elsewhere, saying why; CI runs as root, so there it never skips
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 import signal
@@ -27,7 +26,7 @@ import pytest
 
 from messenger import acl
 from messenger.embedded import EmbeddedRedis
-from tests.harness import Proc, Procs, wait_until
+from tests.harness import Proc, Procs, wait_until, who_json
 from tests.netns import Host, Network, network
 from tests.test_faults_integration import Store, watch
 
@@ -447,7 +446,7 @@ def test_redis_restarted(lab: Lab, persistent: bool) -> None:
             code, out, _ = site.procs.run(
                 "who", "--json", wrap=c3.wrap, MESSENGER_REDIS_URL=server.url
             )
-            assert (code, json.loads(out[0])) == (0, [])
+            assert (code, who_json(out)) == (0, [])
         # The coordinator outlived the restart and serves again by itself: new logons work.
         assert coordinator.running
 

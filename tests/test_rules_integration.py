@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from messenger.keys import Keys
-from tests.harness import Proc, Procs, wait_until
+from tests.harness import Proc, Procs, wait_until, who_json
 
 pytestmark = pytest.mark.integration
 
@@ -195,7 +195,7 @@ def test_restarted_coordinator_resumes_without_ghosts(procs: Procs, db: Any, key
     code, out, _ = procs.run("logon", "alice", "--node", "n4")
     assert (code, out) == (1, ["user-exists-at-other-node"])
     code, out, _ = procs.run("who", "--json")
-    assert json.loads(out[0]) == [{"name": "alice", "node": "n3"}]
+    assert who_json(out) == [{"name": "alice", "node": "n3"}]
 
 
 def test_restart_keeps_users_whose_clients_live(procs: Procs, db: Any, keys: Keys) -> None:

@@ -21,7 +21,7 @@ from redis.retry import Retry
 
 from messenger.embedded import _die_with_parent, _quote, find_redis_server, free_port
 from tests.certs import Certs
-from tests.harness import Procs
+from tests.harness import Procs, who_json
 
 pytestmark = pytest.mark.integration
 
@@ -246,7 +246,7 @@ def test_tls_options_before_the_command_name(
             "--tls-key-file", str(certs.client_key),
             "who", "--json",
         )  # fmt: skip
-        assert (code, out) == (0, ["[]"]), err
+        assert (code, who_json(out)) == (0, []), err
     finally:
         procs.cleanup()
 
