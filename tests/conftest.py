@@ -8,10 +8,11 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 import redis as redis_sync
 
@@ -19,6 +20,7 @@ from messenger import acl
 from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
 from tests.certs import Certs, make_certs
+from tests.fakes import FakeClock
 from tests.harness import Procs
 
 
@@ -182,3 +184,17 @@ def db(redis_server: EmbeddedRedis) -> Iterator[Any]:
 def keys(procs: Procs) -> Keys:
     """The key names of this test's prefix."""
     return Keys(procs.env["MESSENGER_PREFIX"])
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A fake clock for a coordinator on fakeredis (tests/fakes.py)."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    """An empty fakeredis of this test's own (a test module may name its own `redis`)."""
+    r = fakeredis.FakeAsyncRedis(decode_responses=True)
+    yield r
+    await r.aclose()

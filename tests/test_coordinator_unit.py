@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import fakeredis
 import pytest
 
 from messenger import wire
@@ -33,36 +32,12 @@ from messenger.protocol import (
 )
 from messenger.ratelimit import RateLimiter
 from messenger.settings import Settings
-
-T0 = 1_000_000_000_000
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += int(seconds * 1000)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+from tests.fakes import T0, FakeClock
 
 
 @pytest.fixture
 def settings() -> Settings:
     return Settings(redis_url="redis://fake", node="test", prefix="u")
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[Any]:
-    r = fakeredis.FakeAsyncRedis(decode_responses=True)
-    yield r
-    await r.aclose()
 
 
 @pytest.fixture

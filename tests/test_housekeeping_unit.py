@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -32,15 +31,9 @@ from messenger.protocol import (
     new_session_key,
 )
 from messenger.settings import Settings
+from tests.fakes import redis_ms
 
 K = Keys("u")
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[Any]:
-    r = fakeredis.FakeAsyncRedis(decode_responses=True)
-    yield r
-    await r.aclose()
 
 
 @pytest.fixture
@@ -86,11 +79,6 @@ class Session:
     async def close(self) -> None:
         if self.owns_pubsub:
             await self.pubsub.aclose()
-
-
-async def redis_ms(redis: Any) -> int:
-    secs, micros = await redis.time()
-    return int(secs) * 1000 + int(micros) // 1000
 
 
 @pytest.fixture

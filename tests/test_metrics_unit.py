@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import fakeredis
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,32 +32,9 @@ from messenger.protocol import (
     new_session_key,
 )
 from messenger.settings import Settings
+from tests.fakes import FakeClock, redis_ms
 
 K = Keys("u")
-T0 = 1_000_000_000_000
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += round(seconds * 1000)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[Any]:
-    r = fakeredis.FakeAsyncRedis(decode_responses=True)
-    yield r
-    await r.aclose()
 
 
 @pytest.fixture
@@ -387,11 +363,6 @@ async def test_active_sessions_and_hand_overs_follow_the_lease(redis: Any) -> No
         for s in sessions:
             await s.close()
     assert value(metrics, "messenger_active") == 0
-
-
-async def redis_ms(redis: Any) -> int:
-    secs, micros = await redis.time()
-    return int(secs) * 1000 + int(micros) // 1000
 
 
 # --- the histogram kept a batch at a time ------------------------------------------------------
