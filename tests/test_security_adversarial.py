@@ -23,7 +23,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from messenger import acl, local
 from messenger.embedded import EmbeddedRedis
 from messenger.keys import Keys
-from messenger.protocol import Request, encode_request, new_session_key
+from messenger.protocol import Request, encode_request, inbox_id, new_session_key
 from messenger.settings import Settings
 from tests.conftest import client_url_of, procs_on
 from tests.harness import Proc, Procs, wait_until
@@ -43,6 +43,7 @@ class World:
     server: Proc
     alice: Proc
     bob: Proc
+    listening: list[Any]  # the attacker's subscriptions, closed by the fixture
 
     def users(self) -> dict[str, str]:
         names: dict[str, str] = self.admin.hgetall(self.keys.names)
@@ -59,6 +60,19 @@ class World:
             wait_until(lambda: name in self.users(), 10, f"{name} logged on")
         except AssertionError as e:
             raise AssertionError(f"{e}; coordinator: {self.server.err[-10:]}") from None
+
+    def mallory_logs_on(self, key: str, sid: str, rid: str) -> None:
+        """The attacker's own session, logged on by hand: like a real client she subscribes to
+        its inbox first, or the crash check rightly logs her off at once (an inbox with no
+        subscriber is a client whose connection is gone, messenger/crashes.py)."""
+        inbox = self.attacker.pubsub()
+        self.listening.append(inbox)
+        inbox.subscribe(self.keys.inbox(inbox_id(key)))
+        wait_until(lambda: inbox.get_message(timeout=0.1) is not None, 5, "her subscription")
+        now = int(self.admin.time()[0]) * 1000
+        logon = Request("logon", rid, sid, name="mallory", node="evil", key=key, sent_ms=now)
+        self.attacker.rpush(self.keys.requests, encode_request(logon, key))
+        self.wait_listed("mallory")
 
     def bob_still_gets_alice(self) -> None:
         """The honest path still works, and only what alice sent reaches bob."""
@@ -79,13 +93,18 @@ def world(any_redis: EmbeddedRedis, base_env: dict[str, str]) -> Iterator[World]
         redis_sync.Redis.from_url(url, decode_responses=True, socket_timeout=5)
         for url in (any_redis.url, client_url, hb_url)
     ]
+    listening: list[Any] = []
     try:
         server = procs.server()
         alice = procs.logon("alice", "n1")
         bob = procs.logon("bob", "n2")
-        yield World(procs, Keys(prefix), admin, attacker, attacker_hb, server, alice, bob)
+        yield World(
+            procs, Keys(prefix), admin, attacker, attacker_hb, server, alice, bob, listening
+        )
     finally:
         procs.cleanup()
+        for pubsub in listening:
+            pubsub.close()
         for c in connections:
             c.close()
 
@@ -272,10 +291,8 @@ def test_a_dead_user_cannot_be_kept_listed(world: World) -> None:
 def test_no_replay_later_and_no_request_from_the_future(world: World) -> None:
     # The attacker's own session, with its own key: its requests verify, but time is signed.
     key, sid = new_session_key(), "3" * 32
+    world.mallory_logs_on(key, sid, "4" * 32)
     now = int(world.admin.time()[0]) * 1000
-    logon = Request("logon", "4" * 32, sid, name="mallory", node="evil", key=key, sent_ms=now)
-    world.attacker.rpush(world.keys.requests, encode_request(logon, key))
-    world.wait_listed("mallory")
     late = Request("message-to", "5" * 32, sid, to="bob", text="replayed", sent_ms=now - 60_000)
     future = Request("message-to", "6" * 32, sid, to="bob", text="future", sent_ms=now + 60_000)
     world.attacker.rpush(
@@ -367,10 +384,7 @@ def test_no_receipt_for_a_message_one_did_not_receive(world: World) -> None:
     bob, whose client is stopped and so shows nothing, stays `not-delivered`."""
     k = world.keys
     key, sid = new_session_key(), "7" * 32
-    now = int(world.admin.time()[0]) * 1000
-    logon = Request("logon", "8" * 32, sid, name="mallory", node="evil", key=key, sent_ms=now)
-    world.attacker.rpush(k.requests, encode_request(logon, key))
-    world.wait_listed("mallory")
+    world.mallory_logs_on(key, sid, "8" * 32)
     world.bob.signal(19)  # SIGSTOP: bob's connection lives (so `sent`), but he prints nothing
     try:
         settings = Settings.from_env(
