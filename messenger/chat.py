@@ -96,14 +96,9 @@ class Chat:
     client: Client
     show: Callable[[str, str, dict[str, Any]], None]
     names: dict[str, str] = field(default_factory=dict)  # name -> node, for completion and /who
-    ready: bool = False
-    _held: list[MessageEvent | PresenceEvent] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def on_event(self, event: MessageEvent | PresenceEvent) -> None:
-        if not self.ready:  # before `logged-on` is shown (a message may come with the logon)
-            self._held.append(event)
-            return
         if isinstance(event, MessageEvent):
             self.show(
                 "message",
@@ -131,10 +126,7 @@ class Chat:
 
     async def start(self, users: Iterable[tuple[str, str]]) -> None:
         self.names.update(users)
-        self.ready = True
-        held, self._held = self._held, []
-        for event in held:
-            self.on_event(event)
+        self.client.release()  # what came with the logon, now that `logged-on` is shown
 
     async def who(self) -> None:
         """Who is on, from the public list now (what presence said, if Redis cannot say)."""
@@ -197,15 +189,11 @@ async def run(name: str, settings: Settings, *, as_json: bool = False) -> None:
     if await local.client_alive(settings):
         raise Rejected(Reply.ALREADY_LOGGED_ON)
     ui: Terminal | Lines = Terminal() if tty else Lines(as_json)
-    chat_box: list[Chat] = []
-
-    def on_event(event: MessageEvent | PresenceEvent) -> None:
-        chat_box[0].on_event(event)
-
-    # Made as `messenger logon` makes it: the same Redis users and timeouts.
-    client = Client.for_settings(settings, name, on_event=on_event, presence=True)
+    # Made as `messenger logon` makes it: the same Redis users and timeouts. What comes is
+    # held until the chat is there to show it (Chat.start).
+    client = Client.for_settings(settings, name, presence=True, hold=True)
     chat = Chat(client, ui.show)
-    chat_box.append(chat)
+    client.on_event = chat.on_event
     try:
         await client.logon()
         await client.start_serving()

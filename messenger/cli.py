@@ -322,25 +322,18 @@ def _show_message(event: MessageEvent) -> None:
 
 async def _logon(name: str, settings: Settings) -> None:
     local.ensure_runtime_dir(settings)
-    # Messages that come before `logged-on` is printed (one may be applied right after the
-    # logon, before its reply is even read) wait here until it is; each is acknowledged (the
-    # sender's `delivered`) once printed, never before.
-    held: list[MessageEvent] | None = []
 
     def on_event(event: MessageEvent | PresenceEvent) -> None:
-        if not isinstance(event, MessageEvent):
-            return
-        if held is not None:
-            held.append(event)
-            return
-        _show_message(event)
-        client.acknowledge(event.msg_id)
+        if isinstance(event, MessageEvent):
+            _show_message(event)
+            client.acknowledge(event.msg_id)  # printed: that is its sender's `delivered`
 
     spinner = Spinner("logging on").start()
     try:
         if await local.client_alive(settings):
             raise Rejected(Reply.ALREADY_LOGGED_ON)
-        client = Client.for_settings(settings, name, on_event=on_event)
+        # Held until `logged-on` is printed: a message may come with the logon.
+        client = Client.for_settings(settings, name, on_event=on_event, hold=True)
     except BaseException:
         spinner.stop()
         raise
@@ -360,10 +353,7 @@ async def _logon(name: str, settings: Settings) -> None:
             output.say_json({"reply": Reply.LOGGED_ON.value})
         else:
             output.reply(Reply.LOGGED_ON, ok=True)
-        waiting, held = held or [], None
-        for event in waiting:  # a message that came with the logon prints after it
-            _show_message(event)
-            client.acknowledge(event.msg_id)
+        client.release()  # a message that came with the logon prints after it
         reason = await client.finished
     finally:
         await client.close()

@@ -103,7 +103,7 @@ class Client:
         out: Callable[[str], None] = print,
         clock: Callable[[], int] | None = None,
         heartbeat_redis: Redis | None = None,
-        hold_output: bool = False,
+        hold: bool = False,
         on_event: Callable[[MessageEvent | PresenceEvent], None] | None = None,
         presence: bool = False,
     ) -> None:
@@ -117,10 +117,10 @@ class Client:
         self.keys = Keys(settings.prefix)
         self.out = out
         self.on_event = on_event
-        # Lines that came before whoever prints `logged-on` has printed it (a message may be
-        # applied right after the logon, before its reply is even read): release_output().
-        # Each with the id of the receipt it owes once printed ("": none).
-        self._held: list[tuple[str, str]] | None = [] if hold_output else None
+        # With `hold`, messages and presence events wait here until whoever shows `logged-on`
+        # has shown it (a message may be applied right after the logon, before its reply is
+        # even read), then release() hands them on in order.
+        self._held: list[MessageEvent | PresenceEvent] | None = [] if hold else None
         self.clock = clock
         self.sid = secrets.token_hex(16)  # names the session in requests; no secret
         # The session's secret: it signs every request and names the inbox and heartbeat key,
@@ -255,13 +255,21 @@ class Client:
         self._serving = True
         self._spawn(self._heartbeat(), "heartbeat")
 
-    def release_output(self) -> None:
-        """Print what was held (hold_output=True) and everything from now on as it comes."""
+    def release(self) -> None:
+        """Hand on what was held (hold=True), and everything from now on as it comes."""
         held, self._held = self._held, None
-        for line, msg_id in held or ():
-            self.out(line)
-            if msg_id:
-                self.acknowledge(msg_id)
+        for event in held or ():
+            self._hand_on(event)
+
+    def _hand_on(self, event: MessageEvent | PresenceEvent) -> None:
+        """To on_event (which acknowledges a message once it has shown it), or else a message
+        printed through `out` and acknowledged: the sender's `delivered` comes after the
+        receiver showed it, never before."""
+        if self.on_event is not None:
+            self.on_event(event)
+        elif isinstance(event, MessageEvent):
+            self.out(format_message(event.sender, event.text))
+            self.acknowledge(event.msg_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str, *, forever: bool = True) -> None:
         """Run a background task whose end, unless the client is stopping, stops the client:
@@ -593,23 +601,15 @@ class Client:
             fut = self._pending.get(event.req)
             if fut is not None and not fut.done():
                 fut.set_result(event.reply)
-        elif isinstance(event, MessageEvent):
-            if self.on_event is not None:
-                self.on_event(event)  # which acknowledges it once shown
-                return
-            line = format_message(event.sender, event.text)
+        elif isinstance(event, MessageEvent | PresenceEvent):
             if self._held is None:
-                self.out(line)
-                self.acknowledge(event.msg_id)
+                self._hand_on(event)
             else:
-                self._held.append((line, event.msg_id))
+                self._held.append(event)
         elif isinstance(event, ReceiptEvent):
             receipt = self._receipts.get(event.msg)
             if receipt is not None:
                 _settle(receipt, True)
-        elif isinstance(event, PresenceEvent):
-            if self.on_event is not None:
-                self.on_event(event)
         elif isinstance(event, StoppingEvent):
             self.stop(NoConnection("the server stopped"))
 

@@ -495,9 +495,7 @@ async def test_a_message_that_comes_with_the_logon_prints_after_logged_on(
     """A message may be applied right after the receiver's logon, before the client has read
     its reply: `messenger logon` must still print `logged-on` first."""
     lines: list[str] = []
-    bob = Client(
-        redis_of(server), settings(tmp_path, "n2"), "bob", out=lines.append, hold_output=True
-    )
+    bob = Client(redis_of(server), settings(tmp_path, "n2"), "bob", out=lines.append, hold=True)
     alice = Client(redis_of(server), settings(tmp_path, "n1"), "alice", out=lines.append)
     try:
         await alice.logon()
@@ -506,7 +504,7 @@ async def test_a_message_that_comes_with_the_logon_prints_after_logged_on(
         await asyncio.wait_for(_until(_async(lambda: bob._held)), 2)  # read, and held
         assert lines == []
         lines.append("logged-on")
-        bob.release_output()
+        bob.release()
         assert lines == ["logged-on", "Message from alice: early"]
         assert await alice.send("bob", "later") == Reply.SENT
         await asyncio.wait_for(_until(_async(lambda: len(lines) == 3)), 2)
