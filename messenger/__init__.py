@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from messenger.api import Message as Message
     from messenger.api import Presence as Presence
     from messenger.api import Session as Session
+    from messenger.api import User as User
     from messenger.api import connect as connect
 
-_API = frozenset({"connect", "Session", "Message", "Presence"})
+_API = frozenset({"connect", "Session", "Message", "Presence", "User"})
 
 
 def __getattr__(name: str) -> Any:

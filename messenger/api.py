@@ -31,10 +31,10 @@ from messenger import local
 from messenger.client import Client, list_users
 from messenger.connection import describe, explain
 from messenger.errors import NoConnection, Rejected
-from messenger.protocol import MessageEvent, PresenceEvent, Reply
+from messenger.protocol import MessageEvent, PresenceEvent, Reply, User
 from messenger.settings import Settings
 
-__all__ = ["Message", "Presence", "Reply", "Session", "connect"]
+__all__ = ["Message", "Presence", "Reply", "Session", "User", "connect"]
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,8 @@ class Session:
         )
         return reply == Reply.SENT and receipt is not None and await receipt
 
-    async def who(self) -> list[tuple[str, str]]:
-        """Every logged-on user as (name, node), sorted."""
+    async def who(self) -> list[User]:
+        """Every logged-on user, sorted by name: `name`, `node`, `since` (ms since the epoch)."""
         redis = self._client.redis
         try:
             return (await list_users(redis, self._client.settings.prefix)).users

@@ -34,7 +34,7 @@ from messenger import entry, local
 from messenger.client import Client, format_message, list_users
 from messenger.connection import explain
 from messenger.errors import MessengerError, Rejected
-from messenger.protocol import MessageEvent, PresenceEvent, Reply, printable
+from messenger.protocol import MessageEvent, PresenceEvent, Reply, User, printable
 from messenger.settings import Settings
 
 # How long a sent line waits for its receiver's receipt before it is left unmarked.
@@ -124,8 +124,8 @@ class Chat:
             line = f"* {printable(event.name)} left ({printable(why)}, {printable(event.node)})"
         self.show("presence", line, fields)
 
-    async def start(self, users: Iterable[tuple[str, str]]) -> None:
-        self.names.update(users)
+    async def start(self, users: Iterable[User]) -> None:
+        self.names.update((u.name, u.node) for u in users)
         self.client.release()  # what came with the logon, now that `logged-on` is shown
 
     async def who(self) -> None:
@@ -135,15 +135,15 @@ class Chat:
         except (RedisError, OSError) as e:
             why = explain(e) if isinstance(e, RedisError) else str(e)
             self.show("error", f"could not read the list ({printable(why)})", {"error": why})
-            users = sorted(self.names.items())
+            listed = sorted(self.names.items())
         else:
-            users = got.users
+            listed = [(u.name, u.node) for u in got.users]
             self.names.clear()
-            self.names.update(users)
-        rows = [(printable(n), printable(node)) for n, node in users]
+            self.names.update(listed)
+        rows = [(printable(n), printable(node)) for n, node in listed]
         width = max((len(n) for n, _ in rows), default=0)
         text = "\n".join(f"  {n.ljust(width)}  {node}" for n, node in rows) or "  nobody"
-        self.show("who", text, {"users": [{"name": n, "node": node} for n, node in users]})
+        self.show("who", text, {"users": [{"name": n, "node": node} for n, node in listed]})
 
     def send(self, to: str, text: str, *, wait: bool) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._send(to, text, wait=wait))

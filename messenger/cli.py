@@ -23,13 +23,13 @@ from redis.exceptions import RedisError
 from rich.text import Text
 
 from messenger import __version__, acl, entry, local, options, output, private, status
-from messenger.client import Client
+from messenger.client import Client, UserList, list_users
 from messenger.connection import connect, describe, redact, resolve_url, server_file
 from messenger.coordinator import Coordinator
 from messenger.embedded import EmbeddedRedis
 from messenger.errors import ConfigError, MessengerError, NoConnection, NoResponse, Rejected
 from messenger.options import Kind
-from messenger.protocol import MessageEvent, PresenceEvent, Reply, printable, validate_name
+from messenger.protocol import MessageEvent, PresenceEvent, Reply, User, printable, validate_name
 from messenger.settings import Settings
 from messenger.spinner import Spinner
 
@@ -484,7 +484,7 @@ def who(*, watch: bool, as_json: bool, settings: Settings, verbose: bool) -> Non
     _print_users(users)
 
 
-def _print_users(users: list[status.User]) -> None:
+def _print_users(users: list[User]) -> None:
     if entry.JSON.on:
         for user in users:
             output.say_json({"name": user.name, "node": user.node, "since": user.since})
@@ -506,10 +506,10 @@ def _print_users(users: list[status.User]) -> None:
         output.say(f"{n.ljust(widths[0])}  {node.ljust(widths[1])}  {since}")
 
 
-async def _who(settings: Settings) -> tuple[list[status.User], int]:
+async def _who(settings: Settings) -> UserList:
     redis = _redis(settings)
     try:
-        return await status.read_users(redis, settings.prefix)
+        return await list_users(redis, settings.prefix)
     except RedisError as e:
         raise status.noconnection(redis, e) from None
     finally:
@@ -547,7 +547,7 @@ async def _watch(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)  # the end of watching, not a failure: exit 0
 
-    def on_users(users: list[status.User], unreadable: int) -> None:
+    def on_users(users: list[User], unreadable: int) -> None:
         _skipped(unreadable, "session entries")
         _print_users(users)
 
@@ -664,7 +664,7 @@ async def _status(
         try:
             now = await status.redis_now(redis)
             servers, unreadable = await status.read_servers(redis, settings.prefix)
-            users, _ = await status.read_users(redis, settings.prefix)
+            users, _ = await list_users(redis, settings.prefix)
         except RedisError as e:
             node.cancel()
             raise status.noconnection(redis, e) from None

@@ -47,6 +47,7 @@ from messenger.protocol import (
     ReplyEvent,
     Request,
     StoppingEvent,
+    User,
     decode_event,
     decode_local_request,
     decode_user,
@@ -740,7 +741,7 @@ def _receipt_word(delivered: bool) -> str:
 
 
 class UserList(NamedTuple):
-    users: list[tuple[str, str]]  # (name, node), sorted; raw, so escape them to print
+    users: list[User]  # sorted by name
     unreadable: int  # session entries that did not decode (skipped)
 
 
@@ -754,7 +755,7 @@ async def list_users(redis: Redis, prefix: str) -> UserList:
     users, unreadable = [], 0
     for name, raw in entries.items():
         try:
-            users.append((name, decode_user(raw)))
+            users.append(decode_user(name, raw))
         except ProtocolError:
             unreadable += 1
     return UserList(sorted(users), unreadable)

@@ -186,6 +186,10 @@ class LimitedCounter:
         self._last = now
 
 
+def _sessions(n: int) -> str:
+    return "1 session" if n == 1 else f"{n} sessions"
+
+
 class Coordinator:
     """Serves requests over an injected redis client.
 
@@ -604,7 +608,7 @@ class Coordinator:
         listed = []
         for name, raw in sorted(users.items()):
             try:
-                listed.append(f"{name}@{decode_user(raw)}")
+                listed.append(f"{name}@{decode_user(name, raw).node}")
             except ProtocolError:
                 listed.append(f"{name}@?")
         log.info("list is now: [%s] (after %s)", ", ".join(listed), why)
@@ -705,7 +709,9 @@ class Coordinator:
         for i in range(0, len(hb_keys), _GRANT_CHUNK):
             given += await self.scripts.grant(self.id, hb_keys[i : i + _GRANT_CHUNK], away_ms)
         if given:
-            log.info("Redis was away %.1f s: %d sessions got that time back", away_ms / 1000, given)
+            log.info(
+                "Redis was away %.1f s: %s got that time back", away_ms / 1000, _sessions(given)
+            )
 
     async def _provision(self) -> None:
         """Put the client users in place (docs/security.md); without a client password, clients
@@ -778,7 +784,7 @@ class Coordinator:
         except RedisError as e:
             log.warning("could not log off the sessions of the stopped server: %s", e)
         if removed:
-            log.info("logged off %d sessions: the server stopped", removed)
+            log.info("logged off %s: the server stopped", _sessions(removed))
             if self.metrics is not None:
                 self.metrics.removed("server", removed)
 

@@ -16,7 +16,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from messenger.errors import InvalidInput, ProtocolError
 
@@ -366,9 +366,23 @@ def _presence(obj: dict[str, Any]) -> PresenceEvent:
     return PresenceEvent(kind, name, node, int(at), reason if kind == "logoff" else "")
 
 
-def decode_user(node_json: str | bytes) -> str:
-    """The node of one entry of the public user list (`{p}:users`: name -> {"node", "since"})."""
-    return _field(_json_object(node_json, "user entry"), "node", "user entry")
+class User(NamedTuple):
+    """One entry of the public user list; raw, so escape name and node to print them."""
+
+    name: str
+    node: str
+    since: int | None  # logged on at (ms since the epoch, Redis's clock); None: not said
+
+
+def decode_user(name: str, entry: str | bytes) -> User:
+    """One entry of the public user list (`{p}:users`: name -> {"node", "since"}). Only the
+    node is required: a `since` that is not a time reads as None."""
+    obj = _json_object(entry, "user entry")
+    since = obj.get("since")
+    if isinstance(since, int) and not isinstance(since, bool):
+        since = str(since)
+    at = int(since) if isinstance(since, str) and _TIME_RE.fullmatch(since) else None
+    return User(name, _field(obj, "node", "user entry"), at)
 
 
 # --- the local protocol between a command and its node's client (JSON lines on a unix socket) --

@@ -20,16 +20,11 @@ from typing import Any, NamedTuple, cast
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from messenger.client import list_users
 from messenger.connection import describe, explain
 from messenger.errors import NoConnection, ProtocolError
 from messenger.keys import USERS_PLACEHOLDER, Keys
-from messenger.protocol import PresenceEvent, decode_event, decode_user
-
-
-class User(NamedTuple):
-    name: str
-    node: str
-    since: int | None  # ms since the epoch, Redis's clock; None if the entry does not say
+from messenger.protocol import PresenceEvent, User, decode_event
 
 
 class Server(NamedTuple):
@@ -55,22 +50,6 @@ def _ms(value: object) -> int | None:
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
         return int(value)
     return None
-
-
-async def read_users(redis: Redis, prefix: str) -> tuple[list[User], int]:
-    """Every logged-on user, sorted by name, and how many entries did not decode."""
-    entries = cast(dict[str, str], await redis.hgetall(Keys(prefix).users))
-    entries.pop(USERS_PLACEHOLDER, None)
-    users, unreadable = [], 0
-    for name, raw in entries.items():
-        try:
-            node = decode_user(raw)
-        except ProtocolError:
-            unreadable += 1
-            continue
-        since = json.loads(raw).get("since")  # decode_user has checked it is a JSON object
-        users.append(User(name, node, _ms(since)))
-    return sorted(users), unreadable
 
 
 def decode_server(coordinator: str, raw: str) -> Server | None:
@@ -160,7 +139,7 @@ async def watch(
             msg: Any = await pubsub.get_message(timeout=left)
             if msg is not None and msg["type"] == "subscribe":
                 break
-        on_users(*await read_users(redis, prefix))
+        on_users(*await list_users(redis, prefix))
         last_seen = next_ping = time.monotonic()
         while not stop.is_set():
             now = time.monotonic()

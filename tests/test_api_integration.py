@@ -70,7 +70,9 @@ async def test_sessions_send_receive_confirm_and_watch(procs: Procs) -> None:
             assert (got.sender, got.text) == ("bob", "hi alice")
             assert await asyncio.wait_for(confirm, 6) is True  # alice took it: delivered
             assert await bob.send("nobody", "x") == Reply.RECEIVER_NOT_FOUND
-            assert await bob.who() == [("alice", "a1"), ("bob", "b1")]
+            users = await bob.who()
+            assert [(u.name, u.node) for u in users] == [("alice", "a1"), ("bob", "b1")]
+            assert all(isinstance(u.since, int) for u in users)
         left = await asyncio.wait_for(anext(watched), 5)
         assert (left.kind, left.name, left.reason) == ("logoff", "bob", "logoff")
         # A name is one user: a second session for it is refused, with the seed's word.

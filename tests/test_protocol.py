@@ -17,9 +17,11 @@ from messenger.protocol import (
     ReplyEvent,
     Request,
     StoppingEvent,
+    User,
     decode_event,
     decode_local_request,
     decode_request,
+    decode_user,
     encode_event,
     encode_request,
     heartbeat_id,
@@ -296,3 +298,24 @@ def test_printable_is_the_same_on_its_ascii_fast_path(text: str) -> None:
     if all(" " <= ch <= "~" for ch in text):
         assert out == text
     assert printable(out) == out  # escaped text is printable as it is
+
+
+@pytest.mark.parametrize(
+    ("entry", "since"),
+    [
+        ('{"node": "n1", "since": "1700000000123"}', 1700000000123),  # as the Lua writes it
+        ('{"node": "n1", "since": 1700000000123}', 1700000000123),
+        ('{"node": "n1"}', None),
+        ('{"node": "n1", "since": "soon"}', None),
+        ('{"node": "n1", "since": true}', None),
+        ('{"node": "n1", "since": "9999999999999999999"}', None),
+    ],
+)
+def test_a_user_entry_needs_a_node_and_may_say_since_when(entry: str, since: int | None) -> None:
+    assert decode_user("alice", entry) == User("alice", "n1", since)
+
+
+@pytest.mark.parametrize("entry", ['{"since": "1"}', '{"node": 1}', "[]", "n1", b"\xff"])
+def test_a_user_entry_without_a_node_is_refused(entry: str | bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_user("alice", entry)
