@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 
+from messenger.connection import Address, on_replicas
 from messenger.keys import USERS_PLACEHOLDER, Keys
 
 HEARTBEAT_SUFFIX = "-hb"
@@ -107,8 +108,30 @@ async def provision(redis: Redis, keys: Keys, password: str) -> bool:
     in_place = await redis.get(keys.acl) == wanted
     if in_place and all([await redis.acl_getuser(u) for u in (user, heartbeat_user(user))]):
         return False
-    secret = "#" + hashlib.sha256(password.encode()).hexdigest()
-    for name, rules in ((user, client_rules(keys)), (heartbeat_user(user), heartbeat_rules(keys))):
-        await redis.execute_command("ACL", "SETUSER", name, "reset", "on", secret, *rules)  # type: ignore[no-untyped-call]
+    for command in setuser_commands(keys, password):
+        await redis.execute_command(*command)  # type: ignore[no-untyped-call]
     await redis.set(keys.acl, wanted)
     return True
+
+
+def setuser_commands(keys: Keys, password: str) -> list[tuple[str, ...]]:
+    """The ACL SETUSER of each client user, whole (`reset` first): the same on the primary and
+    on every replica, since Redis replicates data but not ACL users."""
+    user = client_user(keys.prefix)
+    secret = "#" + hashlib.sha256(password.encode()).hexdigest()
+    return [
+        ("ACL", "SETUSER", name, "reset", "on", secret, *rules)
+        for name, rules in (
+            (user, client_rules(keys)),
+            (heartbeat_user(user), heartbeat_rules(keys)),
+        )
+    ]
+
+
+async def provision_replicas(
+    redis: Redis, keys: Keys, password: str, timeout: float
+) -> list[tuple[Address, str]]:
+    """The client users on every replica the sentinels name ([] without Sentinel), so that a
+    replica promoted by a failover lets the clients in at once, before a coordinator has
+    served there: each replica's address, with "" or why it could not be done."""
+    return await on_replicas(redis, setuser_commands(keys, password), timeout)

@@ -15,10 +15,12 @@ connections there itself (`close_clients_on`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -534,24 +536,74 @@ def _names(masters: Any, service: str, address: Address) -> bool:
     return isinstance(state, dict) and _address((state["ip"], state["port"])) == address
 
 
-async def close_clients_on(redis: Redis, address: Address) -> int:
-    """Close every client connection (normal and pub/sub) on the server at `address`, as Sentinel
-    does when it demotes a primary; return how many. Raises RedisError.
-
-    Sent over a connection of its own made straight to `address`, with the client's credentials
-    and TLS, never over one of the pool's: one of those may reconnect on use, and it would
-    reconnect to whatever the sentinels name now. SKIPME keeps that connection to the end."""
+@contextlib.asynccontextmanager
+async def _straight_to(redis: Redis, address: Address) -> AsyncIterator[SentinelManagedConnection]:
+    """A connection of its own made straight to the server at `address`, with the credentials
+    and TLS of `redis`'s pool, never one of the pool's: one of those may reconnect on use, and
+    it would reconnect to whatever the sentinels name now. Raises RedisError."""
     pool = redis.connection_pool
     if not isinstance(pool, SentinelConnectionPool):
-        raise TypeError("close_clients_on is for clients of a Sentinel-managed primary")
+        raise TypeError("for clients of a Sentinel-managed primary only")
     connection = pool.connection_class(**pool.connection_kwargs)
     assert isinstance(connection, SentinelManagedConnection)
     try:
         await connection.connect_to(address)  # type: ignore[no-untyped-call]
+        yield connection
+    finally:
+        await connection.disconnect()
+
+
+async def close_clients_on(redis: Redis, address: Address) -> int:
+    """Close every client connection (normal and pub/sub) on the server at `address`, as Sentinel
+    does when it demotes a primary; return how many. Raises RedisError. SKIPME keeps our own
+    connection to the end."""
+    async with _straight_to(redis, address) as connection:
         closed = 0
         for kind in ("pubsub", "normal"):
             await connection.send_command("CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes")
             closed += int(await connection.read_response())
         return closed
-    finally:
-        await connection.disconnect()
+
+
+async def on_replicas(
+    redis: Redis, commands: list[tuple[str, ...]], timeout: float
+) -> list[tuple[Address, str]]:
+    """Run `commands` on every replica the sentinels name for `redis`'s primary, each over a
+    connection straight to it with the pool's credentials; [] at once for a client of one
+    Redis. Returns each replica's address with "" if all went through, else why not: one
+    replica that is down or refuses must not keep the others from being done.
+
+    For what Redis does not replicate (ACL users): a replica the sentinels promote must
+    already have them."""
+    pool = redis.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return []
+    try:
+        found = await pool.sentinel_manager.discover_slaves(pool.service_name)
+    except (RedisError, OSError):
+        return []  # no news from the sentinels: next time
+
+    async def run(address: Address) -> str:
+        async with _straight_to(redis, address) as connection:
+            for command in commands:
+                await connection.send_command(*command)
+                await connection.read_response()
+        return ""
+
+    replicas = [_address(a) for a in found]
+    results = await asyncio.gather(
+        *(asyncio.wait_for(run(a), timeout) for a in replicas), return_exceptions=True
+    )
+    said = []
+    for address, result in zip(replicas, results, strict=True):
+        if isinstance(result, RedisError):
+            said.append((address, explain(result)))
+        elif isinstance(result, TimeoutError | OSError):
+            said.append(
+                (address, "no answer in time" if isinstance(result, TimeoutError) else str(result))
+            )
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            said.append((address, ""))
+    return said

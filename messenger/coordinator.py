@@ -83,6 +83,9 @@ _RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
 # How long a lease refresh waits for the sentinels' answer (Coordinator.follow_primary): they
 # answer within a millisecond or so on a LAN.
 _SENTINEL_WAIT = 0.05
+# Seconds between two rounds of putting the client users on the replicas (Sentinel only): a
+# replica that joined or restarted since (and lost them) has them again within this.
+_REPLICAS_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,8 @@ class Coordinator:
         self._reached_redis = False  # Redis answered since the last failure (see run)
         self._outage_began: float | None = None  # when Redis went away, until given back
         self._primary_check: asyncio.Task[PrimaryMoved | None] | None = None
+        self._replicas_task: asyncio.Task[None] | None = None
+        self._replicas_next = 0.0  # monotonic time of the next round on the replicas
         self._started = time.time()
         self.metrics = metrics
         if metrics is not None:
@@ -305,6 +310,7 @@ class Coordinator:
         next refresh."""
         if not isinstance(self.redis.connection_pool, SentinelConnectionPool):
             return
+        self._provision_replicas()
         if self._primary_check is None:
             self._primary_check = asyncio.create_task(primary_moved(self.redis))
             await asyncio.wait({self._primary_check}, timeout=_SENTINEL_WAIT)
@@ -333,6 +339,37 @@ class Coordinator:
         if self._primary_check is not None:
             self._primary_check.cancel()
             self._primary_check = None
+        if self._replicas_task is not None:
+            self._replicas_task.cancel()
+            self._replicas_task = None
+        self._replicas_next = 0.0  # at once on the next activation
+
+    def _provision_replicas(self) -> None:
+        """The client users on every replica too (acl.provision_replicas), at activation and
+        every _REPLICAS_EVERY seconds after: ACL users are not replicated, and without them
+        every client would be refused by a newly promoted primary until a coordinator has
+        served there, by which time their heartbeat keys may have expired. A task beside the
+        loop, like the primary check: a slow replica never holds up serving."""
+        password = self.client_password
+        if password is None or time.monotonic() < self._replicas_next:
+            return
+        if self._replicas_task is not None and not self._replicas_task.done():
+            return
+        self._replicas_next = time.monotonic() + _REPLICAS_EVERY
+        timeout = self.settings.lease_poll
+
+        async def provision() -> None:
+            for (host, port), why in await acl.provision_replicas(
+                self.redis, self.keys, password, timeout
+            ):
+                if why:
+                    log.warning(
+                        "could not make the client users on replica %s:%s: %s", host, port, why
+                    )
+                else:
+                    log.debug("client users in place on replica %s:%s", host, port)
+
+        self._replicas_task = asyncio.create_task(provision(), name="client users on replicas")
 
     # --- requests ---------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ The messenger reaches Redis through `redis+sentinel://` URLs: every new connecti
 sentinels where the primary is, so a process whose connection broke reaches the new primary on
 its next attempt. What has to happen after a failover, and what each test checks:
 
-- the coordinator gets a RedisError, serves again on the new primary and re-creates the client
-  users there (ACL users are not replicated: ACL SETUSER only ever ran on the old primary);
+- the client users are on the replica before any failover (ACL users are not replicated: the
+  coordinator makes them on every replica itself), so the clients are let in on the new primary
+  at once; the coordinator gets a RedisError and serves again on the new primary;
 - messages flow again, new logons work, the user list holds exactly the live clients (no ghost)
   and no name twice;
 - after a manual failover, whose old primary Sentinel demotes only some 10 s later, the
@@ -345,6 +346,19 @@ def _client_connections(cluster: SentinelCluster, port: int, prefix: str) -> int
         return None
 
 
+def _wait_users_on_replicas(cluster: SentinelCluster, primary: int, prefix: str) -> None:
+    """The coordinator puts the client users on every replica as it becomes active (ACL users
+    are not replicated), so that a promoted replica lets the clients in before it has served
+    there."""
+    for replica in (s.port for s in cluster.servers if s.port != primary):
+        with cluster.server_on(replica) as r:
+
+            def there(r: redis.Redis = r) -> bool:
+                return all(r.acl_getuser(u) is not None for u in acl.users_of(prefix))
+
+            wait_until(there, 10.0, f"the client users on the replica on port {replica}")
+
+
 def _lines(proc: Proc, pattern: str) -> int:
     return sum(1 for line in proc.err if re.search(pattern, line))
 
@@ -370,8 +384,8 @@ def _check_after_failover(
     wait_until(lambda: _lines(server, "is active") >= 2, 20.0, "the coordinator to be active again")
     assert _lines(server, r"Redis at sentinel service mymaster via ") >= 1, server.err[-10:]
     with cluster.server_on(new) as r:
-        # ACL users are not replicated: they exist on the new primary only because the
-        # coordinator re-created them when it became active there.
+        # ACL users are not replicated: the coordinator made them there (on the replica, and
+        # again when it became active there).
         assert r.acl_getuser(f"{prefix}-client") is not None
         assert r.acl_getuser(f"{prefix}-client-hb") is not None
     assert server.running, server.err[-10:]
@@ -428,6 +442,7 @@ def test_sentinel_failover_during_traffic_is_followed(
     bob.wait_line("^Message from alice: before$", 10.0)
     old = cluster.primary_port()
     assert old is not None
+    _wait_users_on_replicas(cluster, old, keys.prefix)
     with Traffic(procs, "n1", "bob") as traffic:
         wait_until(lambda: traffic.sent_after(0) >= 1, 20.0, "traffic to flow")
         failed_over = time.monotonic()
@@ -500,6 +515,7 @@ def test_sigkilled_primary_is_replaced_and_followed(
     cluster: SentinelCluster, sentinel_procs: Procs
 ) -> None:
     procs = sentinel_procs
+    keys = Keys(procs.env["MESSENGER_PREFIX"])
     server = procs.server()
     alice = procs.logon("alice", "n1")
     bob = procs.logon("bob", "n2")
@@ -507,6 +523,7 @@ def test_sigkilled_primary_is_replaced_and_followed(
     bob.wait_line("^Message from alice: before$", 10.0)
     old = cluster.primary_port()
     assert old is not None
+    _wait_users_on_replicas(cluster, old, keys.prefix)
     with Traffic(procs, "n1", "bob") as traffic:
         wait_until(lambda: traffic.sent_after(0) >= 1, 20.0, "traffic to flow")
         killed = cluster.server(old)
