@@ -43,17 +43,19 @@ RECEIPT_MS = 30_000
 HELP = """\
 commands:
   @NAME TEXT        send TEXT to NAME (also /msg NAME TEXT)
+  /query NAME       talk to NAME: a line without @ goes to NAME (/query alone: stop)
   /who              who is logged on, and where
   /logoff           log off and quit (also Ctrl-D; on a pipe, the end of input)
   /help             this
 keys: Tab completes names and commands, Up/Down walk the history, Ctrl-C clears the line"""
 
-COMMANDS = ("/msg", "/who", "/logoff", "/help")
+COMMANDS = ("/msg", "/query", "/who", "/logoff", "/help")
 
 
 @dataclass
 class Parsed:
-    """One input line: `op` is send, who, logoff, help, empty or error."""
+    """One input line: `op` is send, text (a line without @ or /: for the /query target),
+    query (`to` "": end it), who, logoff, help, empty or error."""
 
     op: str
     to: str = ""
@@ -71,8 +73,13 @@ def parse(line: str) -> Parsed:
             return Parsed("error", error="usage: @NAME TEXT")
         return Parsed("send", to=to, text=text.strip())
     if not line.startswith("/"):
-        return Parsed("error", error="to send, start with @NAME (or /msg NAME); /help says more")
+        return Parsed("text", text=line)
     word, _, rest = line.partition(" ")
+    if word == "/query":
+        to, _, extra = rest.strip().partition(" ")
+        if extra.strip():
+            return Parsed("error", error="usage: /query NAME (or /query alone to stop)")
+        return Parsed("query", to=to)
     if word == "/msg":
         to, _, text = rest.strip().partition(" ")
         if not to or not text.strip():
@@ -89,12 +96,13 @@ def parse(line: str) -> Parsed:
 class Chat:
     """What both modes share: the client, who is on, and how a line is shown.
 
-    `show(kind, text, fields)`: kind is one of message, presence, reply, receipt, who, info,
-    error; `text` the plain (escaped) line; `fields` what --json prints.
+    `show(kind, text, fields)`: kind is one of message, presence, reply, receipt, who, query,
+    info, error; `text` the plain (escaped) line; `fields` what --json prints.
     """
 
     client: Client
     show: Callable[[str, str, dict[str, Any]], None]
+    query: str = ""  # whom a line without @ goes to (/query); "": nobody
     names: dict[str, str] = field(default_factory=dict)  # name -> node, for completion and /who
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -232,10 +240,21 @@ async def _until_finished(chat: Chat, loop_body: asyncio.Task[None]) -> Messenge
 async def _do(chat: Chat, line: str, *, wait: bool) -> bool:
     """One input line; False once it asked to log off."""
     p = parse(line)
+    if p.op == "text" and not chat.query:
+        p = Parsed("error", error="to send, start with @NAME (or /query NAME); /help says more")
+    elif p.op == "text":
+        p = Parsed("send", to=chat.query, text=p.text)
     if p.op == "send":
         task = chat.send(p.to, p.text, wait=wait)
         if wait:
             await task
+    elif p.op == "query":
+        chat.query = p.to
+        if p.to:
+            said = f"talking to {printable(p.to)}: a line without @ goes to them (/query to stop)"
+        else:
+            said = "no longer talking to anyone: start a line with @NAME to send"
+        chat.show("query", said, {"to": p.to or None})
     elif p.op == "who":
         await chat.who()
     elif p.op == "help":
@@ -328,12 +347,13 @@ class Terminal:
             completer=NameCompleter(chat.names),
             complete_while_typing=False,
         )
-        prompt = f"{chat.client.name}> "
 
         async def body() -> None:
             while True:
+                # `alice> `, or `alice→bob> ` while a /query is on: where a plain line goes.
+                to = f"→{printable(chat.query)}" if chat.query else ""
                 try:
-                    line = await session.prompt_async(prompt)
+                    line = await session.prompt_async(f"{chat.client.name}{to}> ")
                 except KeyboardInterrupt:
                     continue  # Ctrl-C clears the line, as in irssi and weechat
                 except EOFError:
@@ -362,7 +382,7 @@ class Terminal:
 
 
 class NameCompleter(Completer):
-    """Tab: logged-on names after `@` or `/msg `, command names after `/`."""
+    """Tab: logged-on names after `@`, `/msg ` or `/query `, command names after `/`."""
 
     def __init__(self, names: dict[str, str]) -> None:
         self.names = names
@@ -374,8 +394,8 @@ class NameCompleter(Completer):
         if before.startswith("@") and " " not in before:
             word, prefix = before[1:], "@"
             choices: Iterable[str] = sorted(self.names)
-        elif before.startswith("/msg ") and " " not in before[5:]:
-            word, prefix = before[5:], ""
+        elif before.startswith(("/msg ", "/query ")) and before.count(" ") == 1:
+            word, prefix = before.split(" ", 1)[1], ""
             choices = sorted(self.names)
         elif before.startswith("/") and " " not in before:
             word, prefix, choices = before, "", COMMANDS

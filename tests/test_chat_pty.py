@@ -184,6 +184,35 @@ def test_completion_history_who_help_and_presence(procs: Procs, ptys: list[Pty])
     assert len([x for x in bob.out if x.startswith("Message from alice")]) == 1
 
 
+def test_query_sends_plain_lines_to_one_person(procs: Procs, ptys: list[Pty]) -> None:
+    """IRC's /query: while it is on, a line without @ goes to that person, and the prompt says
+    to whom; without it, such a line is refused and nothing is sent."""
+    procs.server()
+    bob = procs.logon("bob", "n2")
+    alice = chat(procs, ptys, "alice", "n1")
+    alice.send("just words\r")
+    alice.expect("to send, start with @NAME")
+    alice.send("/query b\t")
+    alice.expect("alice> /query bob$")
+    alice.send("\r")
+    alice.expect("talking to bob")
+    alice.expect("alice→bob>$")
+    alice.send("just words\r")
+    alice.expect(r"→ bob: just words +sent")
+    bob.wait_line("^Message from alice: just words$", 10)
+    alice.send("@bob also this\r")  # @ still goes where it says
+    bob.wait_line("^Message from alice: also this$", 10)
+    alice.send("/query\r")
+    alice.expect("no longer talking to anyone")
+    alice.expect("alice>$")
+    alice.send("more words\r")
+    alice.expect(r"to send, start with @NAME(.|\n)*to send, start with @NAME")
+    assert [x for x in bob.out if x.startswith("Message from")] == [
+        "Message from alice: just words",
+        "Message from alice: also this",
+    ]
+
+
 def test_ctrl_c_clears_and_ctrl_d_logs_off(procs: Procs, ptys: list[Pty]) -> None:
     procs.server()
     alice = chat(procs, ptys, "alice", "n1")
@@ -232,7 +261,7 @@ def test_line_mode_on_pipes_is_plain(procs: Procs) -> None:
         assert proc.stdin is not None
         assert proc.stdout is not None
         assert proc.stdout.readline() == "logged-on\n"
-        proc.stdin.write("@bob hello\n/msg carol hi\n/who\n")
+        proc.stdin.write("@bob hello\n/msg carol hi\n/who\n/query bob\nplain\n")
         proc.stdin.flush()
         bob.wait_line("^Message from alice: hello$", 10)
         assert procs.run("message", "alice", "back", "--node", "n2")[:2] == (0, ["sent"])
@@ -248,6 +277,7 @@ def test_line_mode_on_pipes_is_plain(procs: Procs) -> None:
                 assert got_line, f"EOF before {line!r}: {seen}"
                 seen.append(got_line.rstrip("\n"))
 
+        bob.wait_line("^Message from alice: plain$", 10)
         read_until("Message from bob: back")
         read_until("receiver-not-found")
         proc.stdin.close()  # EOF: log off
@@ -275,7 +305,7 @@ def test_line_mode_json(procs: Procs) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "messenger", "chat", "alice", "--node", "n1", "--json"],
         env=procs.env,
-        input="@bob hi\n/who\n",
+        input="@bob hi\n/who\n/query bob\n",
         capture_output=True,
         text=True,
         timeout=20,
@@ -290,6 +320,7 @@ def test_line_mode_json(procs: Procs) -> None:
     ]
     who = next(e for e in events if e.get("event") == "who")
     assert {"name": "bob", "node": "n2"} in who["users"]
+    assert {"event": "query", "to": "bob"} in events
     assert events[-1] == {"reply": "logged-off", "exit": 0}
     bob.wait_line("^Message from alice: hi$", 10)
     assert not ESC.search(proc.stdout)
